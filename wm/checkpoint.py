@@ -1,0 +1,81 @@
+"""The checkpoint format, in one place.
+
+A checkpoint is a dict of tensors and plain Python values, loadable with
+`torch.load(..., weights_only=True)`:
+
+    {"model": state_dict, "model_args": {...}, "config": {...},
+     "optimizer": ..., "epoch" or "generation": int, "fingerprint": str, ...metrics}
+
+`fingerprint` is a hash of the model's weights. A later stage records the
+fingerprints of the checkpoints it was trained on, so that pairing it with a
+different V or M is caught instead of silently producing garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wm.cli import fail
+
+# Which script writes each checkpoint, named in the error when one is missing.
+MAKERS = {
+    "vae": "train_vae.py",
+    "mdnrnn": "train_mdnrnn.py",
+    "controller": "train_controller.py",
+}
+
+
+def state_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short hash of the weights: equal weights, equal fingerprint."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename, so a
+    kill at any moment leaves the previous checkpoint whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "model" in payload:
+        payload = {**payload, "fingerprint": state_fingerprint(payload["model"])}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint, or raise one clear line saying what to do.
+
+    `kind` ("vae", "mdnrnn", "controller") names the script that makes it in
+    the error for a missing file, and is checked against the file's own kind.
+    """
+    path = Path(path)
+    maker = MAKERS.get(kind or "", "the training script")
+    if not path.is_file():
+        raise fail(f"{path} not found; run {maker} first (or point --ckpt-dir at its folder)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled objects
+        raise fail(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
+                   f"rerun {maker} to rebuild it")
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise fail(f"{path} is not a checkpoint of this repository; rerun {maker}")
+    if kind is not None and ckpt.get("kind", kind) != kind:
+        raise fail(f"{path} holds a {ckpt.get('kind')} checkpoint, expected {kind}")
+    return ckpt

@@ -1,0 +1,109 @@
+"""Training metrics: a CSV row per epoch or generation, and a PNG plot of it."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class MetricsLog:
+    """Append rows to a CSV; on resume, rows from epochs that will be redone are
+    dropped so the file never holds the same epoch twice."""
+
+    def __init__(self, path: str | os.PathLike, step_key: str = "epoch"):
+        self.path = Path(path)
+        self.step_key = step_key
+
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only rows with step <= `step` (called on resume and on restart)."""
+        rows = [r for r in self.rows() if int(float(r[self.step_key])) <= step]
+        if not rows:
+            self.path.unlink(missing_ok=True)
+            return
+        self._write(rows, list(rows[0].keys()))
+
+    def append(self, row: dict) -> None:
+        rows = self.rows()
+        fields = list(rows[0].keys()) if rows else list(row.keys())
+        fields += [k for k in row if k not in fields]
+        rows.append({k: row.get(k, "") for k in fields})
+        self._write(rows, fields)
+
+    def _write(self, rows, fields) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def plot(self, png: str | os.PathLike, series: list[str], title: str = "",
+             ylabel: str = "", logy: bool = False) -> None:
+        """Plot the named columns against the step column."""
+        rows = self.rows()
+        if not rows:
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [float(r[self.step_key]) for r in rows]
+        for name in series:
+            pts = [(x, float(r[name])) for x, r in zip(xs, rows) if r.get(name) not in (None, "")]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, ms=3, label=name)
+        ax.set_xlabel(self.step_key)
+        ax.set_ylabel(ylabel)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        save_figure(fig, png)
+
+
+def save_figure(fig, png: str | os.PathLike) -> None:
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def image_grid(rows: list, png: str | os.PathLike, labels: list[str] | None = None,
+               scale: int = 2) -> None:
+    """Save rows of (H, W, 3) uint8 images as one PNG grid, a label per row."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rows = [np.concatenate(list(r), axis=1) for r in rows]
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    if labels:
+        pad = 90
+        canvas = Image.new("RGB", (grid.width + pad, grid.height), "white")
+        canvas.paste(grid, (pad, 0))
+        draw = ImageDraw.Draw(canvas)
+        row_h = grid.height / len(rows)
+        for i, label in enumerate(labels):
+            draw.text((4, int(i * row_h + row_h / 2) - 5), label, fill="black")
+        grid = canvas
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.stem}.tmp.png")
+    grid.save(tmp)
+    os.replace(tmp, png)
