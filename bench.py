@@ -63,8 +63,67 @@ def brownian_actions(rng, steps):
     return np.stack([policy() for _ in range(steps)])
 
 
+def bench_mdnrnn(args) -> dict:
+    """MDN-RNN training sequences/s and one-step cell steps/s at batch 1 and 1024,
+    at the paper's size (Z 32, 256 units, 5 Gaussians), on random inputs."""
+    import torch
+
+    from models import MDNRNN, MDNRNNConfig, mdn_loss
+    from wm.cli import resolve_device
+
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    model = MDNRNN(MDNRNNConfig()).to(device)
+    Z, A = model.cfg.latent_size, model.cfg.action_size
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def rate(fn, units: float) -> float:
+        """units per second of fn(), timed for about args.seconds after a warm-up."""
+        fn(), fn()
+        sync()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < args.seconds:
+            fn()
+            n += 1
+            sync()
+        return n * units / (time.perf_counter() - t0)
+
+    B, L = args.batch_size, args.seq_len
+    z, a = torch.randn(B, L + 1, Z, device=device), torch.rand(B, L, A, device=device)
+    r, d = torch.randn(B, L, device=device), torch.zeros(B, L, device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train_step():
+        out, _ = model(z[:, :-1], a)
+        loss = mdn_loss(out, z[:, 1:], r, d).total
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    result = {"device": str(device), "batch_size": B, "seq_len": L,
+              "train_seq_per_s": round(rate(train_step, B), 1)}
+    model.eval()
+    for rows in (1, 1024):
+        zs, acts = torch.randn(rows, Z, device=device), torch.rand(rows, A, device=device)
+        state = model.initial_state(rows, device)
+
+        @torch.no_grad()
+        def cell_step():
+            model.step(zs, acts, state)
+
+        result[f"cell_b{rows}_calls_per_s"] = round(rate(cell_step, 1), 1)
+        result[f"cell_b{rows}_row_steps_per_s"] = round(result[f"cell_b{rows}_calls_per_s"] * rows, 1)
+    result["cell_batch_1024_vs_1_rows"] = round(result["cell_b1024_row_steps_per_s"]
+                                                / result["cell_b1_row_steps_per_s"], 1)
+    return result
+
+
 BENCHES = {
     "env": (bench_env, [("--steps", int, 300), ("--seed", int, 0)]),
+    "mdnrnn": (bench_mdnrnn, [("--batch-size", int, 32), ("--seq-len", int, 100),
+                              ("--seconds", float, 2.0), ("--device", str, "auto"),
+                              ("--seed", int, 0)]),
 }
 
 

@@ -52,3 +52,39 @@ def run_script(*args: str, timeout: float = 300, cwd: Path = ROOT):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def write_tiny_vae(ckpt_dir: Path, latent_size: int = 8, seed: int = 0) -> Path:
+    """An untrained V saved as `ckpt_dir/vae.pt`, in the real checkpoint format."""
+    import torch
+    from dataclasses import asdict
+
+    from models import ConvVAE, VAEConfig
+    from wm.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    cfg = VAEConfig(latent_size=latent_size)
+    path = Path(ckpt_dir) / "vae.pt"
+    save_checkpoint(path, {"kind": "vae", "model": ConvVAE(cfg).state_dict(),
+                           "model_args": asdict(cfg), "config": {}, "epoch": 0})
+    return path
+
+
+def write_tiny_world_model(ckpt_dir: Path, latent_size: int = 8, hidden_size: int = 16,
+                           seed: int = 0) -> tuple[Path, Path]:
+    """An untrained, matched (V, M) pair: `ckpt_dir/vae.pt` and `ckpt_dir/mdnrnn.pt`,
+    loadable with `wm.latents.load_world_model(ckpt_dir)`."""
+    import torch
+    from dataclasses import asdict
+
+    from models import MDNRNN, MDNRNNConfig
+    from wm.checkpoint import load_checkpoint, save_checkpoint
+
+    vae_path = write_tiny_vae(ckpt_dir, latent_size, seed)
+    torch.manual_seed(seed)
+    cfg = MDNRNNConfig(latent_size=latent_size, hidden_size=hidden_size, n_gaussians=2)
+    path = Path(ckpt_dir) / "mdnrnn.pt"
+    save_checkpoint(path, {"kind": "mdnrnn", "model": MDNRNN(cfg).state_dict(),
+                           "model_args": asdict(cfg), "config": {}, "epoch": 0,
+                           "vae_fingerprint": load_checkpoint(vae_path, "vae")["fingerprint"]})
+    return vae_path, path

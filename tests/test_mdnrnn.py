@@ -1,0 +1,229 @@
+"""M, the MDN-RNN: model, loss, sampling, latent data set and train_mdnrnn.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import distributions as D
+
+from conftest import make_synthetic_rollouts, run_script, write_tiny_vae, write_tiny_world_model
+from models import MDNRNN, ConvVAE, MDNOutput, MDNRNNConfig, mdn_loss, sample_next_z
+from wm.checkpoint import load_checkpoint
+from wm.cli import UsageError
+from wm.latents import check_latent_size, encode_rollouts, latent_path, load_world_model
+
+
+def random_output(B=3, T=5, Z=4, K=3, seed=0) -> MDNOutput:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return MDNOutput(r(B, T, Z, K) * 2, r(B, T, Z, K) * 3, r(B, T, Z, K) * 0.5, r(B, T), r(B, T))
+
+
+def test_parameter_count_matches_the_paper():
+    # The paper's M has 422,368 parameters with one LSTM bias vector; PyTorch keeps
+    # two (4 * 256 more), and the reward and done heads add 257 each.
+    bare = MDNRNN(MDNRNNConfig(predict_reward=False, predict_done=False))
+    assert sum(p.numel() for p in bare.parameters()) == 422_368 + 4 * 256 == 423_392
+    full = MDNRNN(MDNRNNConfig())
+    assert sum(p.numel() for p in full.parameters()) == 423_392 + 2 * 257
+
+
+def test_mixture_loss_matches_torch_distributions():
+    out = random_output()
+    z_next = torch.randn(3, 5, 4) * 3
+    reward, done = torch.randn(3, 5), (torch.rand(3, 5) < 0.3).float()
+    z_mask = torch.ones(3, 5)
+    z_mask[0, 3:] = 0
+    step_mask = torch.ones(3, 5)
+    step_mask[0, 4:] = 0
+    mix = D.MixtureSameFamily(D.Categorical(logits=out.logit_pi), D.Normal(out.mu, out.log_sigma.exp()))
+    ref_nll = -mix.log_prob(z_next).mean(-1)  # (B, T), nats per dimension
+    ref_nll = (ref_nll * z_mask).sum() / z_mask.sum()
+    ref_reward = ((out.reward - reward) ** 2 * step_mask).sum() / step_mask.sum()
+    ref_done = (D.Bernoulli(logits=out.done_logit).log_prob(done).neg() * step_mask).sum() / step_mask.sum()
+
+    loss = mdn_loss(out, z_next, reward, done, z_mask, step_mask, reward_weight=0.5, done_weight=2.0)
+    torch.testing.assert_close(loss.nll, ref_nll)
+    torch.testing.assert_close(loss.reward, ref_reward)
+    torch.testing.assert_close(loss.done, ref_done)
+    torch.testing.assert_close(loss.total, ref_nll + 0.5 * ref_reward + 2.0 * ref_done)
+
+
+def test_mixture_loss_is_finite_far_from_every_component():
+    out = random_output()
+    out = out._replace(log_sigma=torch.full_like(out.mu, -5.0))
+    loss = mdn_loss(out, torch.full((3, 5, 4), 1e3))  # every density underflows to 0 in float32
+    assert torch.isfinite(loss.nll) and loss.nll > 1e6
+
+
+def test_low_temperature_concentrates_on_the_most_likely_mode():
+    # Two components per dimension: weight 0.7 at -5, 0.3 at +5, sigma 1.
+    N, Z = 4000, 2
+    logit = torch.log(torch.tensor([0.7, 0.3])).expand(N, Z, 2)
+    mu = torch.tensor([-5.0, 5.0]).expand(N, Z, 2)
+    out = MDNOutput(logit, mu, torch.zeros(N, Z, 2), None, None)
+    g = torch.Generator().manual_seed(0)
+    warm = sample_next_z(out, 1.0, g)
+    cold = sample_next_z(out, 0.05, g)
+    assert 0.65 < (warm < 0).float().mean() < 0.75  # tau = 1 follows the mixture
+    assert (cold < 0).float().mean() > 0.999  # tau -> 0 picks the likely mode ...
+    assert abs(cold.std() - np.sqrt(0.05)) < 0.02  # ... and narrows it by sqrt(tau)
+    torch.testing.assert_close(sample_next_z(out, 0.0), torch.full((N, Z), -5.0))
+
+
+def test_sequence_model_and_one_step_cell_agree():
+    torch.manual_seed(0)
+    m = MDNRNN(MDNRNNConfig(latent_size=6, hidden_size=16, n_gaussians=2))
+    z, a = torch.randn(3, 7, 6), torch.randn(3, 7, 3)
+    start = (torch.randn(3, 16), torch.randn(3, 16))
+    seq, (h, c) = m(z, a, start)
+    state, steps = start, []
+    for t in range(7):
+        out, state = m.step(z[:, t], a[:, t], state)
+        steps.append(out)
+    for name in MDNOutput._fields:
+        torch.testing.assert_close(torch.stack([getattr(o, name) for o in steps], 1), getattr(seq, name))
+    torch.testing.assert_close(state[0], h)
+    torch.testing.assert_close(state[1], c)
+    with torch.no_grad():  # and the cell really uses those weights
+        m.rnn.weight_hh_l0.add_(0.1)
+    assert not torch.allclose(m.step(z[:, 0], a[:, 0], start)[0].mu, steps[0].mu)
+
+
+def test_windows_keep_the_last_step_for_reward_and_done():
+    from train_mdnrnn import make_windows
+
+    T, Z = 7, 2
+    d = {"mu": np.arange(T * Z, dtype=np.float32).reshape(T, Z), "logvar": np.zeros((T, Z), np.float32),
+         "actions": np.ones((T, 3), np.float32), "rewards": np.arange(T, dtype=np.float32),
+         "terminated": np.arange(T) == T - 1}
+    w = make_windows([d], seq_len=4)  # steps 0-3 and 4-6 (+ one pad)
+    assert w["mu"].shape == (2, 5, Z) and w["actions"].shape == (2, 4, 3)
+    np.testing.assert_array_equal(w["mu"][1, :3], d["mu"][4:7])  # frames 4..6, then padding
+    assert w["step_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert w["z_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]  # no frame after step 6
+    assert w["done"].tolist() == [[0, 0, 0, 0], [0, 0, 1, 0]]
+    assert w["rewards"][1].tolist() == [4, 5, 6, 0]
+
+
+def test_latents_are_reused_then_rebuilt_when_stale(tmp_path, synthetic_rollouts):
+    files = sorted(synthetic_rollouts.glob("*.npz"))
+    lat = tmp_path / "latents"
+    vae_ckpt = load_checkpoint(write_tiny_vae(tmp_path / "v1", latent_size=8, seed=1))
+    vae = ConvVAE.from_checkpoint(vae_ckpt)
+    got = encode_rollouts(files, lat, vae, vae_ckpt["fingerprint"], progress=False)
+    assert [p for p, _ in got] == files
+    with torch.no_grad():
+        expect_mu = vae.encode(torch.as_tensor(np.load(files[0])["observations"][:3]).permute(0, 3, 1, 2) / 255.0)[0]
+    np.testing.assert_allclose(got[0][1]["mu"][:3], expect_mu.numpy(), rtol=1e-4, atol=1e-5)
+    stamp = lambda: [os.stat(latent_path(lat, f)).st_mtime_ns for f in files]  # noqa: E731
+    before = stamp()
+
+    # Unchanged V and rollouts: nothing is rewritten.
+    encode_rollouts(files, lat, vae, vae_ckpt["fingerprint"], progress=False)
+    assert stamp() == before
+
+    # A truncated file and a new rollout: only those two are (re)encoded.
+    p0 = latent_path(lat, files[0])
+    p0.write_bytes(p0.read_bytes()[:100])
+    files += make_synthetic_rollouts(synthetic_rollouts, n=1, steps=12, seed=7)
+    got = encode_rollouts(files, lat, vae, vae_ckpt["fingerprint"], progress=False)
+    after = stamp()
+    assert after[0] != before[0] and after[1:3] == before[1:3] and len(got) == 4
+    np.testing.assert_allclose(got[0][1]["mu"][:3], expect_mu.numpy(), rtol=1e-4, atol=1e-5)
+
+    # Another V (another latent size even): every file is rebuilt for it.
+    v2 = load_checkpoint(write_tiny_vae(tmp_path / "v2", latent_size=5, seed=2))
+    got = encode_rollouts(files, lat, ConvVAE.from_checkpoint(v2), v2["fingerprint"], progress=False)
+    assert all(d["mu"].shape[1] == 5 and str(d["vae_fingerprint"]) == v2["fingerprint"] for _, d in got)
+    with pytest.raises(UsageError, match="another V"):
+        check_latent_size(got, 8)
+
+
+def test_mismatched_world_model_pair_is_an_error(tmp_path):
+    write_tiny_world_model(tmp_path)
+    wm = load_world_model(tmp_path)
+    assert wm.mdnrnn.cfg.latent_size == wm.vae.cfg.latent_size == 8
+    assert not any(p.requires_grad for p in wm.mdnrnn.parameters())
+    write_tiny_vae(tmp_path, latent_size=8, seed=5)  # retrained V, same size, same old M
+    with pytest.raises(UsageError, match="trained on another V"):
+        load_world_model(tmp_path)
+    (tmp_path / "mdnrnn.pt").unlink()
+    with pytest.raises(UsageError, match="train_mdnrnn.py"):
+        load_world_model(tmp_path)
+
+
+def tiny_config(tmp_path, **kw):
+    from train_mdnrnn import Config
+
+    return Config(**{"data_dir": str(tmp_path / "rollouts"), "latent_dir": str(tmp_path / "latents"),
+                     "ckpt_dir": str(tmp_path / "ckpt"), "epochs": 1, "seq_len": 16, "batch_size": 4,
+                     "hidden_size": 16, "n_gaussians": 2, "strip_steps": 4, "strip_start": 10,
+                     "device": "cpu", **kw})
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path, synthetic_rollouts):
+    from train_mdnrnn import main
+
+    write_tiny_vae(tmp_path / "ckpt")
+    main(tiny_config(tmp_path, epochs=2))
+    straight = load_checkpoint(tmp_path / "ckpt" / "mdnrnn_last.pt", "mdnrnn")
+    shutil.rmtree(tmp_path / "latents")  # (also: a missing latent set is rebuilt)
+    for f in ("mdnrnn.pt", "mdnrnn_last.pt"):
+        (tmp_path / "ckpt" / f).unlink()
+    main(tiny_config(tmp_path, epochs=1))
+    main(tiny_config(tmp_path, epochs=2))  # resumes from epoch 1
+    resumed = load_checkpoint(tmp_path / "ckpt" / "mdnrnn_last.pt", "mdnrnn")
+    assert resumed["epoch"] == 2
+    for k, v in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][k], v)
+    rows = (tmp_path / "ckpt" / "mdnrnn_metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2"]
+
+    write_tiny_vae(tmp_path / "ckpt", seed=3)  # a new V: resuming the old M is refused
+    with pytest.raises(UsageError, match="another V"):
+        main(tiny_config(tmp_path, epochs=3))
+
+
+def test_train_mdnrnn_end_to_end(tmp_path, synthetic_rollouts):
+    ckpt = tmp_path / "ckpt"
+    args = ["train_mdnrnn.py", "--data-dir", str(synthetic_rollouts), "--latent-dir",
+            str(tmp_path / "latents"), "--ckpt-dir", str(ckpt), "--epochs", "1", "--seq-len", "16",
+            "--batch-size", "4", "--hidden-size", "16", "--strip-steps", "4", "--device", "cpu"]
+    r = run_script(*args)
+    assert r.returncode == 2 and "train_vae.py" in r.stderr and "Traceback" not in r.stderr
+    r = run_script(*[tmp_path / "nowhere" if a == str(synthetic_rollouts) else a for a in args])
+    assert r.returncode == 2 and "collect_rollouts.py" in r.stderr
+
+    write_tiny_vae(ckpt)
+    r = run_script(*args)
+    assert r.returncode == 0, r.stderr
+    assert "epoch 1" in r.stdout
+    for f in ("mdnrnn.pt", "mdnrnn_last.pt", "mdnrnn_metrics.csv", "mdnrnn_loss.png", "mdnrnn_strip.png"):
+        assert (ckpt / f).stat().st_size > 0, f
+    assert len(list((tmp_path / "latents").glob("rollout_*.npz"))) == 3
+    m = load_checkpoint(ckpt / "mdnrnn.pt", "mdnrnn")
+    assert m["vae_fingerprint"] == load_checkpoint(ckpt / "vae.pt", "vae")["fingerprint"]
+    assert m["model_args"]["latent_size"] == 8 and np.isfinite(m["val_loss"])
+    world = load_world_model(ckpt)
+    out, _ = world.mdnrnn.step(torch.zeros(2, 8), torch.zeros(2, 3), world.mdnrnn.initial_state(2))
+    assert world.mdnrnn.sample_next_z(out, 1.0).shape == (2, 8)
+    from PIL import Image
+
+    w, h = Image.open(ckpt / "mdnrnn_strip.png").size
+    assert h > 4 * 64 and w > 4 * 64  # four rows of four frames
+
+
+def test_bench_mdnrnn_prints_its_numbers():
+    import json
+
+    r = run_script("bench.py", "mdnrnn", "--json", "--seconds", "0.05", "--batch-size", "2",
+                   "--seq-len", "5", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    for key in ("train_seq_per_s", "cell_b1_row_steps_per_s", "cell_b1024_row_steps_per_s"):
+        assert result[key] > 0, key

@@ -1,0 +1,240 @@
+"""Train M, the MDN-RNN, on rollouts encoded by V.
+
+Encodes the rollouts with checkpoints/vae.pt into data/latents/ first (only
+those missing or stale), then trains M to predict z_{t+1}, the reward and the
+episode's end from z_t and a_t. Writes checkpoints/mdnrnn.pt (best validation
+loss), mdnrnn_last.pt (to resume from), mdnrnn_metrics.csv, mdnrnn_loss.png
+and, after training, mdnrnn_strip.png: real frames, V's reconstructions, M's
+one-step predictions and an open-loop dream on a held-out rollout.
+
+usage: python train_mdnrnn.py --data-dir data/rollouts --ckpt-dir checkpoints --epochs 20
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import MDNRNN, ConvVAE, MDNRNNConfig, mdn_loss
+from wm.checkpoint import load_checkpoint, save_checkpoint
+from wm.cli import fail, resolve_device, run_main
+from wm.frames import to_image
+from wm.latents import check_latent_size, encode_rollouts
+from wm.metrics import MetricsLog, image_grid
+from wm.rollouts import list_rollouts, read_rollout
+
+
+@dataclass
+class Config:
+    data_dir: str = "data/rollouts"  # rollout files, written by collect_rollouts.py
+    latent_dir: str = "data/latents"  # V's encodings of the rollouts, rebuilt when vae.pt changes
+    ckpt_dir: str = "checkpoints"  # vae.pt is read here; mdnrnn.pt, mdnrnn_last.pt and plots written
+    epochs: int = 20  # passes over the training sequences (the paper: 20)
+    seq_len: int = 100  # steps per training sequence; longer rollouts are cut into pieces
+    batch_size: int = 32  # sequences per batch
+    lr: float = 1e-3  # Adam learning rate (the paper's code: 0.001)
+    grad_clip: float = 1.0  # max gradient norm
+    hidden_size: int = 256  # LSTM units (the paper: 256)
+    n_gaussians: int = 5  # mixture components per dimension of z (the paper: 5)
+    reward_weight: float = 1.0  # weight of the reward regression term (0 turns the head off)
+    done_weight: float = 1.0  # weight of the episode-end term (0 turns the head off)
+    val_fraction: float = 0.1  # share of rollouts held out for validation and the strip
+    encode_batch: int = 256  # frames per V forward pass when encoding
+    strip_steps: int = 12  # frames in the strip PNG
+    strip_start: int = 60  # frame the strip's dream starts from (CarRacing zooms in first)
+    dream_temperature: float = 1.0  # tau for the strip's dream (the paper: 1.0 to 1.2)
+    resume: bool = True  # continue from mdnrnn_last.pt when it exists; false starts over
+    seed: int = 0  # data split, batch order and z sampling
+    device: str = "auto"  # auto, cpu or cuda
+
+
+def make_windows(latents: list[dict], seq_len: int) -> dict[str, torch.Tensor]:
+    """Cut every rollout into sequences of `seq_len` steps, padded at the end.
+
+    Step t of a sequence has input (z_t, a_t) and targets z_{t+1}, r_t, done_t.
+    The last step of a rollout has no z_{t+1} (the rollout stores no frame
+    after the final action) but keeps its reward and done targets, which is
+    where the episode's end is. Returns (N = number of sequences):
+        mu, logvar  (N, L + 1, Z)   frames t .. t + L
+        actions     (N, L, A)
+        rewards, done, step_mask, z_mask   (N, L)
+    """
+    L = seq_len
+    out = {k: [] for k in ("mu", "logvar", "actions", "rewards", "done", "step_mask", "z_mask")}
+    for d in latents:
+        T = len(d["mu"])
+        for s in range(0, T, L):
+            n = min(L, T - s)  # steps in this piece
+            frames = min(L + 1, T - s)
+            pad_f = ((0, L + 1 - frames), (0, 0))
+            out["mu"].append(np.pad(d["mu"][s:s + frames], pad_f))
+            out["logvar"].append(np.pad(d["logvar"][s:s + frames], pad_f))
+            out["actions"].append(np.pad(d["actions"][s:s + n], ((0, L - n), (0, 0))))
+            out["rewards"].append(np.pad(d["rewards"][s:s + n], (0, L - n)))
+            # Only termination ends a dream; truncation is the time limit, not the track.
+            out["done"].append(np.pad(d["terminated"][s:s + n].astype(np.float32), (0, L - n)))
+            out["step_mask"].append(np.arange(L) < n)
+            out["z_mask"].append(np.arange(L) < frames - 1)
+    return {k: torch.as_tensor(np.stack(v)).float() for k, v in out.items()}
+
+
+def sample_z(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """z drawn afresh from each frame's posterior (the paper's augmentation)."""
+    return mu + torch.randn(mu.shape, generator=generator) * torch.exp(0.5 * logvar)
+
+
+def run_epoch(model, windows, cfg: Config, device, generator: torch.Generator,
+              optimizer=None, desc: str = "") -> dict[str, float]:
+    """One pass over `windows`: trains when an optimizer is given, else evaluates.
+    Returns the step-weighted mean of each loss term and the sequences/s."""
+    n = len(windows["actions"])
+    order = torch.randperm(n, generator=generator) if optimizer else torch.arange(n)
+    sums = {"loss": 0.0, "nll": 0.0, "reward": 0.0, "done": 0.0}
+    weight = 0.0
+    model.train(optimizer is not None)
+    t0 = time.perf_counter()
+    for i in tqdm(range(0, n, cfg.batch_size), desc=desc, leave=False, unit="batch"):
+        idx = order[i:i + cfg.batch_size]
+        z = sample_z(windows["mu"][idx], windows["logvar"][idx], generator).to(device)  # (B, L+1, Z)
+        b = {k: windows[k][idx].to(device) for k in ("actions", "rewards", "done", "step_mask", "z_mask")}
+        with torch.set_grad_enabled(optimizer is not None):
+            out, _ = model(z[:, :-1], b["actions"])
+            loss = mdn_loss(out, z[:, 1:], b["rewards"], b["done"], b["z_mask"], b["step_mask"],
+                            cfg.reward_weight, cfg.done_weight)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+        w = float(b["step_mask"].sum())
+        weight += w
+        for k, v in zip(sums, loss):
+            sums[k] += float(v.detach()) * w
+    seconds = time.perf_counter() - t0
+    return {**{k: v / max(weight, 1.0) for k, v in sums.items()}, "seq_per_s": n / seconds}
+
+
+@torch.no_grad()
+def save_strip(vae, model, rollout_path: Path, latents: dict, cfg: Config, device, png: Path) -> None:
+    """Real frames, V's reconstructions, M's one-step predictions (decoded) and
+    an open-loop dream from the same frame with the same actions."""
+    vae.eval()
+    model.eval()
+    frames = read_rollout(rollout_path)["observations"]
+    T = len(frames)
+    n = max(1, min(cfg.strip_steps, T - 1))
+    s = max(0, min(cfg.strip_start, T - 1 - n))  # the dream starts from frame s
+    mu = torch.as_tensor(latents["mu"], device=device)  # (T, Z)
+    actions = torch.as_tensor(latents["actions"], device=device)  # (T, A)
+    # Teacher-forced pass over the real latents from the rollout's start, so
+    # that M's memory at frame s is what the agent would have had.
+    out, _ = model(mu[None, :s + n], actions[None, :s + n])
+    one_step = model.sample_next_z(out, 0.0)[0, s:s + n]  # (n, Z), most likely component's mean
+    state = model(mu[None, :s], actions[None, :s])[1] if s > 0 else model.initial_state(1, device)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    z, dream = mu[None, s], []
+    for t in range(s, s + n):
+        step_out, state = model.step(z, actions[None, t], state)
+        z = model.sample_next_z(step_out, cfg.dream_temperature, g)  # (1, Z)
+        dream.append(z[0])
+    rows = [frames[s + 1:s + 1 + n],
+            to_image(vae.decode(mu[s + 1:s + 1 + n])),
+            to_image(vae.decode(one_step)),
+            to_image(vae.decode(torch.stack(dream)))]
+    image_grid(rows, png, labels=["real", "V recon", "M one-step", "M dream"])
+
+
+def main(cfg: Config) -> dict:
+    if cfg.epochs < 1 or cfg.seq_len < 1 or cfg.batch_size < 1:
+        raise fail("--epochs, --seq-len and --batch-size must be at least 1")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    ckpt_dir = Path(cfg.ckpt_dir)
+    rollout_files = list_rollouts(cfg.data_dir)
+    vae_ckpt = load_checkpoint(ckpt_dir / "vae.pt", kind="vae")
+    vae = ConvVAE.from_checkpoint(vae_ckpt).to(device)
+    vae_fp = vae_ckpt["fingerprint"]
+    latents = encode_rollouts(rollout_files, cfg.latent_dir, vae, vae_fp, device, cfg.encode_batch)
+    if not latents:
+        raise fail(f"no readable rollouts in {cfg.data_dir}; rerun collect_rollouts.py")
+
+    mcfg = MDNRNNConfig(latent_size=vae_ckpt["model_args"]["latent_size"],
+                        action_size=latents[0][1]["actions"].shape[1],
+                        hidden_size=cfg.hidden_size, n_gaussians=cfg.n_gaussians,
+                        predict_reward=cfg.reward_weight > 0, predict_done=cfg.done_weight > 0)
+    check_latent_size(latents, mcfg.latent_size)
+
+    # Hold out whole rollouts: the last ones in file order, at least one when there are two.
+    n_val = min(len(latents) - 1, max(1, round(cfg.val_fraction * len(latents)))) if len(latents) > 1 else 0
+    train_set, val_set = latents[:len(latents) - n_val], latents[len(latents) - n_val:]
+    train_w = make_windows([d for _, d in train_set], cfg.seq_len)
+    val_w = make_windows([d for _, d in val_set], cfg.seq_len) if val_set else None
+    print(f"{len(train_set)} train / {len(val_set)} val rollouts, {len(train_w['actions'])} "
+          f"train sequences of {cfg.seq_len} steps, latent size {mcfg.latent_size}, device {device}")
+
+    model = MDNRNN(mcfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    metrics = MetricsLog(ckpt_dir / "mdnrnn_metrics.csv")
+    start_epoch, best = 0, math.inf
+    last_path = ckpt_dir / "mdnrnn_last.pt"
+    if cfg.resume and last_path.exists():
+        last = load_checkpoint(last_path, kind="mdnrnn")
+        if last.get("vae_fingerprint") != vae_fp:
+            raise fail(f"{last_path} was trained on another V (vae fingerprint "
+                       f"{last.get('vae_fingerprint')}, vae.pt is {vae_fp}); pass --resume false "
+                       f"to train a new M on this V")
+        if last["model_args"] != asdict(mcfg):
+            raise fail(f"{last_path} has model {last['model_args']}, this run asks for "
+                       f"{asdict(mcfg)}; pass --resume false to start over")
+        model.load_state_dict(last["model"])
+        optimizer.load_state_dict(last["optimizer"])
+        start_epoch, best = last["epoch"], last["best_val"]
+        print(f"resuming from {last_path} after epoch {start_epoch}")
+    metrics.truncate_after(start_epoch)
+
+    print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters")
+    row = {}
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        # A generator per epoch, so a resumed run draws the same batches and z as an unbroken one.
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        train = run_epoch(model, train_w, cfg, device, g, optimizer, desc=f"epoch {epoch}")
+        # Validation draws the same z every epoch, so its curve compares epochs, not noise.
+        val = run_epoch(model, val_w, cfg, device, torch.Generator().manual_seed(cfg.seed + 1),
+                        desc="val") if val_w is not None else train
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch, **{f"train_{k}": round(v, 5) for k, v in train.items() if k != "seq_per_s"},
+               **{f"val_{k}": round(v, 5) for k, v in val.items() if k != "seq_per_s"},
+               "seq_per_s": round(train["seq_per_s"], 1), "seconds": round(seconds, 2)}
+        metrics.append(row)
+        metrics.plot(ckpt_dir / "mdnrnn_loss.png", ["train_loss", "val_loss", "train_nll", "val_nll"],
+                     title="M: mixture NLL (nats per dim of z) + reward + done", ylabel="loss")
+        is_best = val["loss"] < best
+        best = min(best, val["loss"])
+        payload = {"kind": "mdnrnn", "model": model.state_dict(), "model_args": asdict(mcfg),
+                   "config": asdict(cfg), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                   "vae_fingerprint": vae_fp, "train_loss": train["loss"], "val_loss": val["loss"],
+                   "best_val": best}
+        if is_best:
+            save_checkpoint(ckpt_dir / "mdnrnn.pt", payload)
+        save_checkpoint(last_path, payload)
+        print(f"epoch {epoch}  train {train['loss']:.4f} (nll {train['nll']:.4f} reward "
+              f"{train['reward']:.4f} done {train['done']:.4f})  val {val['loss']:.4f}  "
+              f"{train['seq_per_s']:.0f} seq/s  {seconds:.1f} s{'  best' if is_best else ''}")
+
+    best_ckpt = load_checkpoint(ckpt_dir / "mdnrnn.pt", kind="mdnrnn")
+    model.load_state_dict(best_ckpt["model"])
+    strip_path, strip_latents = (val_set or train_set)[0]
+    save_strip(vae, model, strip_path, strip_latents, cfg, device, ckpt_dir / "mdnrnn_strip.png")
+    print(f"wrote {ckpt_dir / 'mdnrnn.pt'} (val {best_ckpt['val_loss']:.4f}) and {ckpt_dir / 'mdnrnn_strip.png'}")
+    return row
+
+
+if __name__ == "__main__":
+    run_main(main, Config)
