@@ -9,9 +9,13 @@ model's input.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 FRAME_SIZE = 64  # the paper's V input is 64x64x3
 DASHBOARD_ROW = 84  # rows 84..95 of the 96x96 frame are the dashboard
@@ -31,6 +35,8 @@ def to_model_input(frames: np.ndarray | torch.Tensor, device: torch.device | str
     The uint8 tensor is moved first and converted on the device, which moves
     a quarter of the bytes.
     """
+    import torch  # here, so collecting rollouts never pays for importing torch
+
     x = torch.as_tensor(frames)
     if x.dtype != torch.uint8 or tuple(x.shape[-3:]) != (FRAME_SIZE, FRAME_SIZE, 3):
         raise ValueError(f"expected (..., {FRAME_SIZE}, {FRAME_SIZE}, 3) uint8 frames, "
@@ -41,4 +47,4 @@ def to_model_input(frames: np.ndarray | torch.Tensor, device: torch.device | str
 
 def to_image(x: torch.Tensor) -> np.ndarray:
     """(..., 3, 64, 64) float in [0, 1] -> (..., 64, 64, 3) uint8, for pictures."""
-    return (x.detach().float().clamp(0, 1).movedim(-3, -1) * 255).round().to(torch.uint8).cpu().numpy()
+    return (x.detach().float().clamp(0, 1).movedim(-3, -1) * 255).round().byte().cpu().numpy()

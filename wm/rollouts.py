@@ -63,11 +63,33 @@ def read_rollout(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def is_complete(path: str | os.PathLike) -> bool:
+    """A cheap check that a rollout file is whole: its zip directory opens,
+    every array is there, and their headers agree on the shapes. It reads
+    headers only, so checking 10,000 files takes seconds, not minutes;
+    `read_rollout` still checks the data itself when it is used."""
     try:
-        read_rollout(path)
-        return True
-    except BadRollout:
+        with zipfile.ZipFile(path) as z:
+            shapes = {}
+            for key in KEYS:
+                with z.open(f"{key}.npy") as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(f)
+                    shapes[key] = (shape, dtype)
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return False
+    obs_shape, obs_dtype = shapes["observations"]
+    T = obs_shape[0]
+    return (obs_dtype == np.uint8 and obs_shape[1:] == (FRAME_SIZE, FRAME_SIZE, 3)
+            and shapes["actions"][0] == (T, 3)
+            and all(shapes[k][0] == (T,) for k in KEYS[2:]))
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> None:
+    """Temporary files left by a run that was killed mid-write."""
+    for tmp in Path(out_dir).glob(".rollout_*.tmp.npz"):
+        tmp.unlink(missing_ok=True)
 
 
 def list_rollouts(data_dir: str | os.PathLike) -> list[Path]:

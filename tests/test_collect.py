@@ -1,0 +1,109 @@
+"""collect_rollouts.py as a user runs it: files, resume, Ctrl-C, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from collect_rollouts import collect_one
+from tests.conftest import ROOT, run_script
+from wm.rollouts import is_complete, read_rollout, rollout_path
+
+
+def test_end_to_end_writes_the_schema(tmp_path):
+    out = tmp_path / "r"
+    res = run_script("collect_rollouts.py", "--rollouts", "2", "--max-steps", "30",
+                     "--workers", "2", "--out-dir", str(out), "--seed", "5")
+    assert res.returncode == 0, res.stderr
+    assert "rollouts 2" in res.stdout and "frames 60" in res.stdout and "MB on disk" in res.stdout
+    files = sorted(out.glob("rollout_*.npz"))
+    assert files == [rollout_path(out, 5), rollout_path(out, 6)]
+    for f in files:
+        d = read_rollout(f)
+        assert d["observations"].shape == (30, 64, 64, 3) and d["observations"].dtype == np.uint8
+        assert d["actions"].shape == (30, 3) and d["actions"].dtype == np.float32
+        assert d["rewards"].shape == (30,) and d["rewards"].dtype == np.float32
+        assert d["terminated"].dtype == bool and d["truncated"].dtype == bool
+        assert d["truncated"][-1] and not d["truncated"][:-1].any()  # the --max-steps limit
+        assert d["observations"].std() > 0
+
+
+def test_same_seed_same_rollout_and_observation_precedes_action():
+    a = collect_one(3, 25, "brownian")
+    b = collect_one(3, 25, "brownian")
+    c = collect_one(4, 25, "brownian")
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    assert not np.array_equal(a["actions"], c["actions"])
+    # Frame 0 is the reset frame, seen before any action was taken.
+    from wm.env import make_env
+    from wm.frames import preprocess
+    env = make_env(fast=True)
+    obs, _ = env.reset(seed=3)
+    assert np.array_equal(a["observations"][0], preprocess(obs))
+    obs, *_ = env.step(a["actions"][0])
+    assert np.array_equal(a["observations"][1], preprocess(obs))
+
+
+def test_uniform_policy_differs_from_brownian():
+    u = collect_one(3, 10, "uniform")["actions"]
+    b = collect_one(3, 10, "brownian")["actions"]
+    # Brownian actions move in small steps; uniform ones jump.
+    assert np.abs(np.diff(b, axis=0)).mean() < np.abs(np.diff(u, axis=0)).mean()
+
+
+def test_rerun_skips_complete_and_redoes_partial(tmp_path):
+    out = tmp_path / "r"
+    args = ("collect_rollouts.py", "--rollouts", "2", "--max-steps", "20", "--workers", "1",
+            "--out-dir", str(out))
+    assert run_script(*args).returncode == 0
+    good, bad = rollout_path(out, 0), rollout_path(out, 1)
+    good_mtime = good.stat().st_mtime_ns
+    bad.write_bytes(bad.read_bytes()[:500])  # a truncated file
+    (out / ".rollout_0000009.123.tmp.npz").write_bytes(b"junk")  # left by a killed run
+    assert not is_complete(bad)
+    res = run_script(*args)
+    assert res.returncode == 0, res.stderr
+    assert "1 of 2 rollouts already" in res.stdout
+    assert good.stat().st_mtime_ns == good_mtime
+    assert is_complete(bad) and len(read_rollout(bad)["actions"]) == 20
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_ctrl_c_leaves_no_half_written_file(tmp_path):
+    out = tmp_path / "r"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "collect_rollouts.py", "--rollouts", "6", "--max-steps",
+                             "400", "--workers", "2", "--out-dir", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert not list(out.glob(".*tmp*"))
+    assert all(is_complete(f) for f in out.glob("rollout_*.npz"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rollouts", "0"], "--rollouts must be at least 1"),
+    (["--max-steps", "-5"], "--max-steps must be at least 1"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--policy", "drunk"], "--policy must be one of"),
+    (["--out-dir", "{file}"], "is a file"),
+    (["--out-dir", "{file}/sub"], "cannot write"),
+])
+def test_bad_input_gets_one_clear_line(tmp_path, args, message):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    args = [a.format(file=f) for a in args]
+    res = run_script("collect_rollouts.py", *args)
+    assert res.returncode == 2
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -1,0 +1,109 @@
+"""The fast environment against gymnasium's own CarRacing-v3, pixel for pixel."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pygame
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from wm.env import ENV_ID, FAST_ENV_ID, FastCarRacing, make_env, rotate_like_pygame
+from wm.frames import preprocess, to_image, to_model_input
+from wm.policies import BrownianPolicy
+
+
+def drive_off_the_map(t: int) -> np.ndarray:
+    """Weave for a while (the view rotates), then go straight: the car visits
+    road tiles, runs onto the grass, and leaves the playfield (termination)."""
+    steer = 0.6 * math.sin(t / 15) if t < 150 else 0.0
+    return np.array([steer, 1.0 if t % 3 else 0.0, 0.0], dtype=np.float32)
+
+
+def compare(actions_fn, seed: int, steps: int):
+    """Step both environments with the same actions; return what happened."""
+    stock, fast = make_env(fast=False), make_env(fast=True)
+    a, _ = stock.reset(seed=seed)
+    b, _ = fast.reset(seed=seed)
+    assert np.array_equal(a, b), "first frame differs"
+    seen = {"on_grass": False, "terminated": False, "tiles": 0, "steps": 0}
+    for t in range(steps):
+        action = actions_fn(t)
+        a, ra, ta, tra, ia = stock.step(action)
+        b, rb, tb, trb, ib = fast.step(action)
+        assert np.array_equal(a, b), f"frame {t + 1} differs in {int((a != b).any(-1).sum())} pixels"
+        assert (ra, ta, tra, ia) == (rb, tb, trb, ib)
+        car = fast.unwrapped.car
+        seen["on_grass"] |= all(len(w.tiles) == 0 for w in car.wheels)
+        seen["tiles"] = fast.unwrapped.tile_visited_count
+        seen["steps"] = t + 1
+        if ta or tra:
+            seen["terminated"] = ta and ia.get("lap_finished") is False
+            break
+    return seen
+
+
+def test_pixel_identical_through_zoom_tiles_grass_and_leaving_the_playfield():
+    seen = compare(drive_off_the_map, seed=1, steps=1000)
+    assert seen["steps"] > 50  # the zoom-in of the first second was covered
+    assert seen["tiles"] > 5  # visited tiles changed colour in place
+    assert seen["on_grass"]
+    assert seen["terminated"]  # left the playfield: -100 and the episode ends
+
+
+def test_pixel_identical_under_a_random_walk():
+    policy = BrownianPolicy(np.random.default_rng(7))
+    actions = [policy() for _ in range(300)]
+    seen = compare(lambda t: actions[t], seed=7, steps=300)
+    assert seen["steps"] == 300
+
+
+def test_rotation_matches_pygame_including_quarter_turns():
+    rng = np.random.default_rng(0)
+    angles = list(rng.uniform(-30, 30, 300))
+    angles += [k * math.pi / 2 + d for k in range(-6, 7) for d in (0.0, 3e-7, -3e-7, 3e-6)]
+    for angle in angles:
+        pts = rng.uniform(-500, 500, (8, 2))
+        ref = np.array([tuple(pygame.math.Vector2(tuple(p)).rotate_rad(angle)) for p in pts])
+        assert np.array_equal(rotate_like_pygame(pts, angle), ref), angle
+
+
+def test_passes_gymnasium_env_checker():
+    check_env(gym.make(FAST_ENV_ID).unwrapped)  # via make, so render modes are checked too
+
+
+def test_registered_under_its_own_id_with_the_stock_limits():
+    env = gym.make(FAST_ENV_ID)
+    assert isinstance(env.unwrapped, FastCarRacing)
+    assert env.spec.max_episode_steps == gym.spec(ENV_ID).max_episode_steps == 1000
+    assert env.action_space == gym.make(ENV_ID).action_space
+    assert type(make_env(fast=False).unwrapped).__name__ == "CarRacing"
+
+
+def test_time_limit_truncates():
+    env = make_env(fast=True, max_steps=5)
+    env.reset(seed=0)
+    flags = [env.step(np.zeros(3, np.float32))[3] for _ in range(5)]
+    assert flags == [False] * 4 + [True]
+
+
+def test_preprocess_drops_the_dashboard_and_resizes():
+    frame = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    out = preprocess(frame)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    changed = frame.copy()
+    changed[84:] = 0  # only the dashboard
+    assert np.array_equal(preprocess(changed), out)
+    changed[:84] = 0
+    assert not np.array_equal(preprocess(changed), out)
+    with pytest.raises(ValueError):
+        preprocess(frame[:90])
+
+
+def test_model_input_scales_to_unit_range_and_back():
+    frames = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    x = to_model_input(frames)
+    assert x.shape == (2, 3, 64, 64) and x.min() >= 0 and x.max() <= 1
+    assert np.array_equal(to_image(x), frames)
