@@ -35,11 +35,11 @@ class Config:
     data_dir: str = "data/rollouts"  # rollout files, written by collect_rollouts.py
     latent_dir: str = "data/latents"  # V's encodings of the rollouts, rebuilt when vae.pt changes
     ckpt_dir: str = "checkpoints"  # vae.pt is read here; mdnrnn.pt, mdnrnn_last.pt and plots written
-    epochs: int = 20  # passes over the training sequences (the paper: 20)
+    epochs: int = 20  # passes over the training sequences (the paper's code: 4,000 batches of 100)
     seq_len: int = 100  # steps per training sequence; longer rollouts are cut into pieces
     batch_size: int = 32  # sequences per batch
     lr: float = 1e-3  # Adam learning rate (the paper's code: 0.001)
-    grad_clip: float = 1.0  # max gradient norm
+    grad_clip: float = 1.0  # max gradient norm (the paper's code: 1.0)
     hidden_size: int = 256  # LSTM units (the paper: 256)
     n_gaussians: int = 5  # mixture components per dimension of z (the paper: 5)
     reward_weight: float = 1.0  # weight of the reward regression term (0 turns the head off)
