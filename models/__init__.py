@@ -1,0 +1,4 @@
+"""The networks: V (vae), M (mdnrnn), C (controller)."""
+
+from models.vae import ConvVAE, VAEConfig  # noqa: F401
+from models.mdnrnn import MDNOutput, MDNRNN, MDNRNNConfig, mdn_loss, sample_next_z  # noqa: F401
