@@ -45,7 +45,8 @@ State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (B, H)
 
 
 def sample_next_z(out: MDNOutput, temperature: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None,
+                  noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Draw z_{t+1} from M's mixture, one component per dimension.
 
     out: logit_pi, mu, log_sigma each (..., Z, K). Returns z (..., Z).
@@ -53,18 +54,26 @@ def sample_next_z(out: MDNOutput, temperature: float = 1.0,
     multiplies the variances (sigma * sqrt(tau)): tau < 1 sharpens the choice
     of component and narrows each one, tau > 1 makes the dream more uncertain.
     tau = 0 returns the mean of the most likely component.
+    noise: optional (u, eps), uniforms in [0, 1) broadcastable to (..., Z, K)
+    and standard normals broadcastable to (..., Z), used instead of drawing
+    them from `generator`; a dream shares them across a whole population so
+    that its members are ranked on the same luck (wm/dream.py).
     """
     if temperature <= 0:
         k = out.logit_pi.argmax(-1, keepdim=True)  # (..., Z, 1)
         return out.mu.gather(-1, k).squeeze(-1)
+    if noise is None:
+        u = torch.rand(out.logit_pi.shape, generator=generator, device=out.logit_pi.device,
+                       dtype=out.logit_pi.dtype)
+    else:
+        u, eps = noise
     # Gumbel-max picks component k with probability softmax(logit / tau)_k.
-    u = torch.rand(out.logit_pi.shape, generator=generator, device=out.logit_pi.device,
-                   dtype=out.logit_pi.dtype)
-    gumbel = -torch.log((-torch.log(u.clamp_(min=1e-20))).clamp_(min=1e-20))
+    gumbel = -torch.log((-torch.log(u.clamp(min=1e-20))).clamp_(min=1e-20))
     k = (out.logit_pi / temperature + gumbel).argmax(-1, keepdim=True)  # (..., Z, 1)
     mu = out.mu.gather(-1, k).squeeze(-1)  # (..., Z)
     sigma = out.log_sigma.gather(-1, k).squeeze(-1).exp() * math.sqrt(temperature)
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    if noise is None:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + sigma * eps
 
 

@@ -1,0 +1,184 @@
+"""The dream: the batched controller, M as a batched environment, train_controller.py --mode dream."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script, write_tiny_world_model
+from models import MDNRNN, MDNOutput, MDNRNNConfig, sample_next_z
+from models.controller import Controller, ControllerConfig
+from wm.checkpoint import load_checkpoint
+from wm.cli import UsageError
+from wm.dream import Dream, check_dream_heads, load_start_states, noise_seed
+from wm.rollouts import rollout_path, write_rollout
+
+Z, H = 8, 16  # the tiny sizes of conftest.write_tiny_world_model
+
+
+def write_tiny_latents(latent_dir: Path, vae_fingerprint: str, n: int = 4, steps: int = 10,
+                       latent_size: int = Z, seed: int = 0) -> list[Path]:
+    """Latent files of wm/latents.py's schema, with random z (not encoded frames)."""
+    rng = np.random.default_rng(seed)
+    latent_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = rollout_path(latent_dir, i)
+        write_rollout(path, mu=rng.normal(size=(steps, latent_size)).astype(np.float32),
+                      logvar=np.full((steps, latent_size), -2, np.float32),
+                      actions=rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
+                      rewards=rng.normal(size=steps).astype(np.float32),
+                      terminated=np.arange(steps) == steps - 1, truncated=np.zeros(steps, bool),
+                      vae_fingerprint=np.array(vae_fingerprint), source_bytes=np.array(0))
+        paths.append(path)
+    return paths
+
+
+def tiny_m(seed: int = 0, **kw) -> MDNRNN:
+    torch.manual_seed(seed)
+    m = MDNRNN(MDNRNNConfig(latent_size=Z, hidden_size=H, n_gaussians=2, **kw))
+    if m.done_head is not None:
+        with torch.no_grad():  # episodes that end at different steps for different members
+            m.done_head.weight.mul_(10.0)
+            m.done_head.bias.fill_(-4.0)
+    return m
+
+
+@pytest.mark.parametrize("features", ["zh", "z", "z-hidden"])
+def test_population_forward_equals_one_controller_at_a_time(features):
+    c = Controller(ControllerConfig(latent_size=Z, hidden_size=H, features=features, layer_size=5))
+    P, R = 4, 3
+    g = torch.Generator().manual_seed(0)
+    params = torch.randn(P, c.n_params, generator=g, dtype=torch.float64)
+    z, h = torch.randn(P, R, Z, generator=g), torch.randn(P, R, H, generator=g)
+    got = c.forward_population(params, z, h)  # (P, R, 3)
+    assert got.shape == (P, R, 3)
+    for p in range(P):
+        c.set_flat(params[p].numpy())
+        torch.testing.assert_close(got[p], c(z[p], h[p]))
+    assert not torch.allclose(got[0], got[1])  # the members really differ
+    assert (got[..., 0].abs() <= 1).all() and (got[..., 1:] >= 0).all() and (got[..., 1:] <= 1).all()
+
+
+def test_given_noise_samples_what_the_generator_would_draw():
+    g = torch.Generator().manual_seed(0)
+    out = MDNOutput(*(torch.randn(3, Z, 2, generator=g) for _ in range(3)), None, None)
+    drawn = sample_next_z(out, 1.3, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    u, eps = torch.rand(3, Z, 2, generator=g), torch.randn(3, Z, generator=g)
+    u_copy = u.clone()
+    torch.testing.assert_close(sample_next_z(out, 1.3, noise=(u, eps)), drawn)
+    assert torch.equal(u, u_copy)  # the caller's noise is left as it was
+    # Noise of one row broadcasts over a batch: every row uses the same draws.
+    batch = MDNOutput(*(x.expand(2, 3, Z, 2) for x in out[:3]), None, None)
+    shared = sample_next_z(batch, 1.3, noise=(u, eps))
+    torch.testing.assert_close(shared[0], drawn)
+    torch.testing.assert_close(shared[1], drawn)
+
+
+def reference_episode(m: MDNRNN, c: Controller, flat, z0, noise, r, max_steps, tau):
+    """One member, one rollout, step by step with the plain controller and the
+    rollout's slice of the generation's noise -> (return, length, z's)."""
+    c.set_flat(flat)
+    z, state, total, zs = z0[None], m.initial_state(1), 0.0, [z0]
+    for t in range(max_steps):
+        a = c(z, state[0])  # (1, 3)
+        out, state = m.step(z, a, state)
+        u, eps, u_done = noise[t]
+        total += float(out.reward[0])
+        z = m.sample_next_z(out, tau, noise=(u[r], eps[r]))
+        zs.append(z[0])
+        if u_done[r] < torch.sigmoid(out.done_logit[0]):
+            return total, t + 1, torch.stack(zs)
+    return total, max_steps, torch.stack(zs)
+
+
+@torch.no_grad()
+def test_batched_dream_equals_stepping_members_one_at_a_time():
+    m = tiny_m()
+    c = Controller(ControllerConfig(latent_size=Z, hidden_size=H))
+    starts = torch.randn(6, Z, generator=torch.Generator().manual_seed(1))
+    T, tau, seeds = 25, 1.2, [11, 12, 13]
+    dream = Dream(m, c, starts, temperature=tau, max_steps=T)
+    params = np.random.default_rng(0).normal(0, 0.5, (5, c.n_params))
+    batched = dream.run(params, seeds, record=True)
+    assert batched.returns.shape == batched.lengths.shape == (5, 3)
+    assert batched.lengths.min() < T  # some episodes ended early ...
+    assert batched.lengths.max() == T  # ... and some ran to the time limit
+    assert not torch.allclose(batched.returns[0], batched.returns[1])
+    assert not torch.equal(batched.lengths[0], batched.lengths[1])  # done depends on the member
+
+    # The same members dreamed one at a time, with the same seeds.
+    for p in range(5):
+        alone = dream.run(params[p:p + 1], seeds, record=True)
+        torch.testing.assert_close(alone.returns[0], batched.returns[p])
+        assert torch.equal(alone.lengths[0], batched.lengths[p])
+
+    # And against a plain loop: the single controller, M's cell at batch 1.
+    g = torch.Generator().manual_seed(noise_seed(seeds))
+    noise = [(torch.rand(3, Z, 2, generator=g), torch.randn(3, Z, generator=g),
+              torch.rand(3, generator=g)) for _ in range(T)]
+    z0 = starts[dream.start_indices(seeds)]
+    for p in range(5):
+        for r in range(3):
+            total, length, zs = reference_episode(m, c, params[p], z0[r], noise, r, T, tau)
+            assert length == int(batched.lengths[p, r])
+            torch.testing.assert_close(torch.tensor(total), batched.returns[p, r])
+            torch.testing.assert_close(zs, batched.zs[:length + 1, p, r])
+
+
+@torch.no_grad()
+def test_done_ends_an_episode_and_its_reward_stops_counting():
+    m = tiny_m()
+    c = Controller(ControllerConfig(latent_size=Z, hidden_size=H))
+    with torch.no_grad():  # a reward of exactly 1 every step
+        m.reward_head.weight.zero_()
+        m.reward_head.bias.fill_(1.0)
+    params = np.random.default_rng(0).normal(0, 0.5, (4, c.n_params))
+    seeds = list(range(6))
+
+    def run(done_bias):
+        m.done_head.weight.zero_()
+        m.done_head.bias.fill_(done_bias)
+        return Dream(m, c, torch.randn(3, Z), max_steps=40).run(params, seeds, record=True)
+
+    never = run(-100.0)
+    assert (never.lengths == 40).all() and torch.equal(never.returns, torch.full((4, 6), 40.0))
+    always = run(100.0)  # ends on the first step, whose reward still counts
+    assert (always.lengths == 1).all() and torch.equal(always.returns, torch.ones(4, 6))
+    assert len(always.zs) == 2  # and the dream stopped there
+    coin = run(0.0)  # each step ends the episode with probability 1/2
+    assert torch.equal(coin.returns, coin.lengths.float())  # nothing counted after the end
+    assert coin.lengths.max() < 40 and len(set(coin.lengths[0].tolist())) > 1
+    assert len(coin.zs) == int(coin.lengths.max()) + 1
+
+
+def test_an_m_without_reward_or_done_head_is_refused():
+    for kw, missing in (({"predict_done": False}, "done"), ({"predict_reward": False}, "reward")):
+        with pytest.raises(UsageError, match=f"no {missing} head.*train_mdnrnn.py --reward-weight 1 --done-weight 1"):
+            check_dream_heads(tiny_m(**kw))
+    with pytest.raises(ValueError, match="positive"):
+        Dream(tiny_m(), Controller(ControllerConfig(latent_size=Z, hidden_size=H)), torch.zeros(1, Z),
+              temperature=0.0)
+
+
+def test_start_states_are_first_frames_of_this_v(tmp_path):
+    paths = write_tiny_latents(tmp_path / "lat", "abc", n=3)
+    starts = load_start_states(tmp_path / "lat", "abc")
+    np.testing.assert_array_equal(starts.numpy(), np.stack([np.load(p)["mu"][0] for p in paths]))
+    with pytest.raises(UsageError, match="another V"):
+        load_start_states(tmp_path / "lat", "def")
+    with pytest.raises(UsageError, match="train_mdnrnn.py"):
+        load_start_states(tmp_path / "nowhere", "abc")
+
+
+def test_bench_dream_prints_its_numbers():
+    r = run_script("bench.py", "dream", "--json", "--pop-size", "3", "--rollouts", "2",
+                   "--max-steps", "5", "--repeats", "1", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["rows"] == 6 and result["steps_per_s"] > 0

@@ -1,0 +1,203 @@
+"""The dream: M as the environment, for a whole CMA-ES population at once.
+
+A dream episode starts, like a real one, from the first frame of an episode
+(V's mean for the first frame of a rollout in the latent data set) with M's
+memory at zero. Each step C reads [z, h] and acts, M's one-step cell
+advances (h, c), the next z is sampled from M's mixture at temperature tau,
+and M's heads give the reward and whether the episode ends (a Bernoulli draw
+from the done head). An episode runs until done or `max_steps`; the step
+that ends it still counts, as in the real game (leaving the field costs
+-100 on that step), and nothing after it does.
+
+Every (member, rollout) pair is one row of one batch: C's weights for all
+members are a (P, n_params) matrix applied with one batched matmul, and M
+steps all P * R rows in one call, so a generation is `max_steps` batched
+steps and no Python loop over members. Finished rows keep being computed
+(the batch stays rectangular) but stop counting.
+
+Members are ranked on equal terms, as on the real tracks: rollout r starts
+from the same frame and draws the same random numbers (the mixture's noise
+and the done draw) for every member. So a member's result does not depend on
+which other members share the batch, which is what the tests check.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from models.controller import Controller
+from models.mdnrnn import MDNRNN, MDNOutput
+from wm.cli import fail
+from wm.latents import BadLatents, read_latents
+
+
+class DreamResult(NamedTuple):
+    returns: torch.Tensor  # (P, R) sum of M's rewards until done or the time limit
+    lengths: torch.Tensor  # (P, R) steps that counted
+    zs: torch.Tensor | None  # (T + 1, P, R, Z) the dreamed z's from the start, when recorded
+
+
+def check_dream_heads(mdnrnn: MDNRNN, path: str | os.PathLike = "mdnrnn.pt") -> None:
+    """A one-line error unless M predicts both the reward and the episode's end."""
+    missing = [name for name, on in (("reward", mdnrnn.cfg.predict_reward),
+                                     ("done", mdnrnn.cfg.predict_done)) if not on]
+    if missing:
+        raise fail(f"{path} has no {' and no '.join(missing)} head, which a dream needs; retrain "
+                   f"M with train_mdnrnn.py --reward-weight 1 --done-weight 1 (a weight of 0 "
+                   f"removes the head)")
+
+
+def load_start_states(latent_dir: str | os.PathLike, vae_fingerprint: str) -> torch.Tensor:
+    """V's mean for the first frame of every rollout in `latent_dir` -> (N, Z).
+
+    Unreadable files are skipped with a warning; files encoded by another V
+    are an error (their z means something else to M).
+    """
+    latent_dir = Path(latent_dir)
+    files = sorted(latent_dir.glob("*.npz"))
+    if not files:
+        raise fail(f"no latent files in {latent_dir}; run train_mdnrnn.py (it encodes the "
+                   f"rollouts there) or point --latent-dir at its --latent-dir")
+    starts, other_v = [], 0
+    for path in files:
+        try:
+            data = read_latents(path)
+        except BadLatents as e:
+            warnings.warn(f"skipping {e}", stacklevel=2)
+            continue
+        if str(data["vae_fingerprint"]) != vae_fingerprint:
+            other_v += 1
+        elif len(data["mu"]):
+            starts.append(data["mu"][0])
+    if other_v:
+        raise fail(f"{other_v} of {len(files)} latent files in {latent_dir} were encoded by "
+                   f"another V than vae.pt ({vae_fingerprint}); rerun train_mdnrnn.py with this "
+                   f"--latent-dir to re-encode them")
+    if not starts:
+        raise fail(f"no readable latent files in {latent_dir}; rerun train_mdnrnn.py")
+    return torch.as_tensor(np.stack(starts))
+
+
+def noise_seed(seeds: list[int]) -> int:
+    """One seed for a generation's dream noise, from its rollout seeds."""
+    return int(np.random.default_rng([int(s) for s in seeds]).integers(2**62))
+
+
+class Dream:
+    """M as a batched environment for a population of controllers.
+
+    `controller` gives C's structure (its own weights are not used); `starts`
+    (N, Z) are the start states to draw from.
+    """
+
+    def __init__(self, mdnrnn: MDNRNN, controller: Controller, starts: torch.Tensor,
+                 temperature: float = 1.0, max_steps: int = 1000,
+                 device: torch.device | str = "cpu"):
+        if not temperature > 0:
+            raise ValueError(f"the dream's temperature must be positive, got {temperature}")
+        check_dream_heads(mdnrnn)
+        self.device = torch.device(device)
+        self.mdnrnn = mdnrnn.to(self.device).eval().requires_grad_(False)
+        self.controller = controller.to(self.device)
+        self.starts = starts.to(self.device, torch.float32)  # (N, Z)
+        self.temperature = temperature
+        self.max_steps = max_steps
+
+    def start_indices(self, seeds: list[int]) -> list[int]:
+        """Rollout r starts from the start state its seed picks."""
+        return [int(np.random.default_rng(int(s)).integers(len(self.starts))) for s in seeds]
+
+    @torch.no_grad()
+    def run(self, params, seeds: list[int], z0: torch.Tensor | None = None,
+            record: bool = False) -> DreamResult:
+        """Dream R = len(seeds) episodes for each of P controllers.
+
+        params: (P, n_params) C's flat weights, one row per member (array or tensor).
+        seeds: one per rollout; they pick the start states and the noise.
+        z0: (R, Z) start states to use instead of the drawn ones.
+        """
+        m, dev = self.mdnrnn, self.device
+        params = torch.as_tensor(np.asarray(params) if not torch.is_tensor(params) else params,
+                                 dtype=torch.float32, device=dev)
+        P, R = params.shape[0], len(seeds)
+        Z, H, K = m.cfg.latent_size, m.cfg.hidden_size, m.cfg.n_gaussians
+        if z0 is None:
+            z0 = self.starts[self.start_indices(seeds)]  # (R, Z)
+        z = z0.to(dev, torch.float32).expand(P, R, Z)  # (P, R, Z)
+        state = m.initial_state(P * R, dev)  # (h, c), each (P * R, H)
+        g = torch.Generator(device=dev).manual_seed(noise_seed(seeds))
+        returns = torch.zeros(P, R, device=dev)
+        lengths = torch.zeros(P, R, dtype=torch.long, device=dev)
+        alive = torch.ones(P, R, dtype=torch.bool, device=dev)
+        zs = [z] if record else None
+        for _ in range(self.max_steps):
+            a = self.controller.forward_population(params, z, state[0].view(P, R, H))  # (P, R, A)
+            out, state = m.step(z.reshape(P * R, Z), a.reshape(P * R, -1), state)
+            out = MDNOutput(*(x.unflatten(0, (P, R)) for x in out))  # (P, R, ...)
+            # One draw per rollout, shared by every member (see the docstring).
+            u = torch.rand(R, Z, K, generator=g, device=dev)
+            eps = torch.randn(R, Z, generator=g, device=dev)
+            u_done = torch.rand(R, generator=g, device=dev)
+            returns += torch.where(alive, out.reward, 0.0)
+            lengths += alive
+            alive &= u_done >= torch.sigmoid(out.done_logit)
+            z = m.sample_next_z(out, self.temperature, noise=(u, eps))  # (P, R, Z)
+            if record:
+                zs.append(z)
+            if not alive.any():
+                break
+        return DreamResult(returns, lengths, torch.stack(zs) if record else None)
+
+    def __call__(self, solutions: list[np.ndarray], seeds: list[int]) -> tuple[np.ndarray, int]:
+        """The fitness interface of train_controller.py: -> (mean dreamed
+        reward per member (P,), dream steps that counted)."""
+        result = self.run(np.stack(solutions), seeds)
+        return result.returns.mean(1).cpu().numpy().astype(np.float64), int(result.lengths.sum())
+
+
+@torch.no_grad()
+def save_dream_strip(vae, mdnrnn: MDNRNN, controller: Controller, png: str | os.PathLike,
+                     seed: int, temperature: float = 1.0, max_steps: int = 1000,
+                     n_frames: int = 12) -> dict:
+    """One episode of `controller` in the real game beside its dream from the
+    same first frame, as a PNG strip: real frames (as V sees them), V's
+    reconstructions of them, and M's dream decoded by V, at the same steps.
+    Returns the real score and the dreamed return."""
+    from wm.agent import Agent, run_episode
+    from wm.env import make_env
+    from wm.frames import preprocess, to_image, to_model_input
+    from wm.metrics import image_grid
+
+    device = next(vae.parameters()).device
+    agent = Agent(vae, controller, mdnrnn if controller.uses_memory else None, device)
+    frames, first_z = [], []
+
+    def on_step(frame, agent, score):
+        frames.append(preprocess(frame))
+        if not first_z:
+            first_z.append(agent.z)
+
+    env = make_env(fast=True, max_steps=max_steps)
+    try:
+        score, steps = run_episode(env, agent, seed, on_step)
+    finally:
+        env.close()
+    dream = Dream(mdnrnn, controller, first_z[0], temperature, max_steps, device)
+    result = dream.run(controller.get_flat()[None], [seed], z0=first_z[0], record=True)
+    length = int(result.lengths[0, 0])
+    # The same steps in both rows, spread over the shorter of the two episodes.
+    at = np.unique(np.linspace(0, min(steps, length) - 1, n_frames).round().astype(int))
+    real = np.stack([frames[t] for t in at])
+    recon = to_image(vae.decode(vae.encode(to_model_input(real, device))[0]))
+    dreamed = to_image(vae.decode(result.zs[at, 0, 0]))
+    dream_return = float(result.returns[0, 0])
+    image_grid([real, recon, dreamed], png, labels=[f"real {score:.0f}", "V recon",
+                                                    f"dream {dream_return:.0f}"])
+    return {"real_score": score, "real_steps": steps, "dream_return": dream_return,
+            "dream_steps": length, "steps_shown": at.tolist()}
