@@ -88,3 +88,25 @@ def write_tiny_world_model(ckpt_dir: Path, latent_size: int = 8, hidden_size: in
                            "model_args": asdict(cfg), "config": {}, "epoch": 0,
                            "vae_fingerprint": load_checkpoint(vae_path, "vae")["fingerprint"]})
     return vae_path, path
+
+
+def write_tiny_controller(ckpt_dir: Path, features: str = "zh", seed: int = 0) -> Path:
+    """A random C saved as `ckpt_dir/controller.pt` for the V and M already in
+    `ckpt_dir` (see write_tiny_world_model), as train_controller.py writes it."""
+    import torch
+    from dataclasses import asdict
+
+    from models.controller import Controller, ControllerConfig
+    from wm.agent import load_models
+    from wm.checkpoint import save_checkpoint
+
+    vae, mdnrnn, fingerprints = load_models(ckpt_dir, with_m=features == "zh")
+    torch.manual_seed(seed)
+    cfg = ControllerConfig(latent_size=vae.cfg.latent_size, features=features,
+                           hidden_size=mdnrnn.cfg.hidden_size if mdnrnn is not None else 0)
+    controller = Controller(cfg)
+    path = Path(ckpt_dir) / "controller.pt"
+    save_checkpoint(path, {"kind": "controller", "model": controller.state_dict(),
+                           "model_args": asdict(cfg), "config": {}, "generation": 0,
+                           "held_out": 0.0, "held_out_std": 0.0, **fingerprints})
+    return path

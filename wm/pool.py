@@ -99,9 +99,9 @@ class WorkerPool:
     def __len__(self) -> int:
         return len(self.procs)
 
-    def map(self, tasks: Sequence[tuple], on_result: Callable[[], Any] | None = None) -> list:
+    def map(self, tasks: Sequence[tuple], on_result: Callable[[int, Any], Any] | None = None) -> list:
         """Run each task tuple as `runner(*task)` on some worker; results in
-        task order. `on_result()` is called as each one comes in (progress bars)."""
+        task order. `on_result(index, result)` is called as each one comes in."""
         results: list = [None] * len(tasks)
         todo = list(enumerate(tasks))[::-1]
         busy: set[int] = set()
@@ -114,7 +114,7 @@ class WorkerPool:
                 results[index] = result
                 busy.discard(i)
                 if on_result is not None:
-                    on_result()
+                    on_result(index, result)
         return results
 
     def _send(self, i: int, task: tuple) -> None:

@@ -1,0 +1,172 @@
+"""Stage 5: score the agent on gymnasium's own CarRacing-v3, and watch it drive.
+
+Each episode drives a new track (seed, seed + 1, ...) until the car finishes
+the lap or the time limit; the score is the episode's total reward. The paper
+reports the mean and standard deviation over 100 episodes (906 +- 21 for V,
+M and C; "solved" is 900).
+
+--video records the first episode headlessly: each frame shows the real frame,
+V's reconstruction of it and M's prediction of it from the step before, with
+the running score, so a person sees at once what the agent sees.
+
+usage: python evaluate.py --ckpt-dir checkpoints --episodes 100 --json scores.json --video drive.mp4
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.controller import Controller
+from wm.agent import AgentSpec, EpisodeRunner, build_agent, check_controller, load_models, run_episode
+from wm.checkpoint import load_checkpoint
+from wm.cli import fail, resolve_device, run_main
+from wm.env import make_env
+from wm.frames import to_image
+from wm.pool import WorkerError, WorkerPool
+
+
+@dataclass
+class Config:
+    ckpt_dir: str = "checkpoints"  # folder of controller.pt, vae.pt and mdnrnn.pt
+    policy: str = "agent"  # agent (V, M and C), or random: the baseline, needs no checkpoints
+    episodes: int = 100  # episodes, one track each (the paper: 100)
+    seed: int = 0  # episode i drives the track of seed + i
+    workers: int = os.cpu_count() or 1  # worker processes; 1 runs everything in this process
+    max_steps: int = 1000  # time limit of an episode (CarRacing-v3's own: 1000)
+    render: str = "none"  # none, or human: a window to watch the agent drive (runs in this process)
+    video: str = None  # record the first episode to this .gif or .mp4
+    json: str = None  # write the scores here: scores, mean, std, episodes, seed
+    device: str = "auto"  # auto, cpu or cuda, for the episodes run in this process
+
+
+def check_config(cfg: Config) -> None:
+    if cfg.policy not in ("agent", "random"):
+        raise fail(f"--policy must be agent or random, got {cfg.policy!r}")
+    if cfg.render not in ("none", "human"):
+        raise fail(f"--render must be none or human, got {cfg.render!r}")
+    for name in ("episodes", "workers", "max_steps"):
+        if getattr(cfg, name) < 1:
+            raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.video and Path(cfg.video).suffix.lower() not in (".gif", ".mp4"):
+        raise fail(f"--video must end in .gif or .mp4, got {cfg.video}")
+
+
+def agent_spec(cfg: Config) -> tuple[AgentSpec, np.ndarray | None]:
+    """The agent to score and C's weights, after checking that C, V and M belong together."""
+    spec = AgentSpec(fast=False, max_steps=cfg.max_steps)  # the official environment
+    if cfg.policy == "random":
+        return spec, None
+    path = Path(cfg.ckpt_dir) / "controller.pt"
+    ckpt = load_checkpoint(path, kind="controller")
+    controller = Controller.from_checkpoint(ckpt)
+    _, _, fingerprints = load_models(cfg.ckpt_dir, controller.uses_memory)
+    check_controller(ckpt, path, fingerprints)
+    print(f"C: {controller.cfg.features}, {controller.n_params} parameters, generation "
+          f"{ckpt.get('generation')}, held-out score {ckpt.get('held_out')}")
+    spec.ckpt_dir, spec.controller = str(cfg.ckpt_dir), ckpt["model_args"]
+    return spec, controller.get_flat()
+
+
+class VideoRecorder:
+    """Frames of one episode: real frame | V's reconstruction | M's prediction, and the score."""
+
+    PANEL = 128  # pixels per panel
+    BAND = 16  # pixels of text under the panels; 128 + 16 is a multiple of 16, as video codecs like
+
+    def __init__(self, path: str | Path, every: int = 1):
+        self.path, self.every, self.frames, self.step = Path(path), every, [], 0
+
+    def __call__(self, frame: np.ndarray, agent, score: float) -> None:
+        self.step += 1
+        if (self.step - 1) % self.every:
+            return
+        from PIL import Image, ImageDraw
+
+        P = self.PANEL
+        canvas = Image.new("RGB", (3 * P, P + self.BAND))
+        canvas.paste(Image.fromarray(frame).resize((P, P), Image.BILINEAR), (0, 0))
+        vae = getattr(agent, "vae", None)
+        if vae is not None:
+            with torch.inference_mode():
+                canvas.paste(self._picture(vae.decode(agent.z)), (P, 0))
+                if agent.predicted is not None:
+                    z_pred = agent.mdnrnn.sample_next_z(agent.predicted, temperature=0)  # (1, Z)
+                    canvas.paste(self._picture(vae.decode(z_pred)), (2 * P, 0))
+        draw = ImageDraw.Draw(canvas)
+        for i, label in enumerate(("real", "V", "M")):
+            draw.text((i * P + 3, 2), label, fill="white")
+        draw.text((3, P + 2), f"step {self.step - 1}   score {score:7.1f}", fill="white")
+        self.frames.append(np.asarray(canvas))
+
+    def _picture(self, x: torch.Tensor):
+        from PIL import Image
+
+        return Image.fromarray(to_image(x)[0]).resize((self.PANEL, self.PANEL), Image.NEAREST)
+
+    def save(self) -> None:
+        import imageio.v3 as iio
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.suffix.lower() == ".gif":
+            # CarRacing runs at 50 frames/s; a GIF plays every other step at 25.
+            iio.imwrite(self.path, np.stack(self.frames), duration=1000 * self.every / 50, loop=0)
+        else:
+            iio.imwrite(self.path, np.stack(self.frames), fps=50 / self.every)
+
+
+def main(cfg: Config) -> dict:
+    check_config(cfg)
+    spec, params = agent_spec(cfg)
+    seeds = [cfg.seed + i for i in range(cfg.episodes)]
+    results: dict[int, tuple[float, int]] = {}
+    t0 = time.time()
+
+    def report(i: int, result: tuple[float, int]) -> None:
+        results[i] = result
+        print(f"episode {i + 1:3d}  seed {seeds[i]}  score {result[0]:7.1f}  steps {result[1]}", flush=True)
+
+    in_process = cfg.workers == 1 or cfg.render == "human"
+    if in_process or cfg.video:
+        # This process drives all episodes (or just the filmed one) itself.
+        agent = build_agent(spec, resolve_device(cfg.device))
+        if params is not None:
+            agent.controller.set_flat(params)
+        env = make_env(fast=False, render_mode="human" if cfg.render == "human" else None,
+                       max_steps=cfg.max_steps)
+        for i in range(len(seeds) if in_process else 1):
+            video = VideoRecorder(cfg.video, every=2 if cfg.video.lower().endswith(".gif") else 1) \
+                if cfg.video and i == 0 else None
+            report(i, run_episode(env, agent, seeds[i], on_step=video))
+            if video is not None:
+                video.save()
+                print(f"video of episode 1 saved to {cfg.video}")
+        env.close()
+    todo = [i for i in range(len(seeds)) if i not in results]
+    if todo:
+        try:
+            with WorkerPool(min(cfg.workers, len(todo)), EpisodeRunner, spec) as pool:
+                pool.map([(params, seeds[i]) for i in todo], on_result=lambda k, r: report(todo[k], r))
+        except WorkerError as e:
+            raise fail(str(e)) from None
+
+    scores = [results[i][0] for i in range(len(seeds))]
+    summary = {"scores": scores, "mean": float(np.mean(scores)), "std": float(np.std(scores)),
+               "episodes": len(scores), "seed": cfg.seed, "policy": cfg.policy,
+               "steps": sum(results[i][1] for i in range(len(seeds))), "seconds": time.time() - t0}
+    print(f"{cfg.policy}: {summary['mean']:.1f} +- {summary['std']:.1f} over {len(scores)} episodes "
+          f"on CarRacing-v3 (seeds {seeds[0]}..{seeds[-1]})")
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main, Config)

@@ -1,0 +1,225 @@
+"""C, the agent loop, the worker pool and train_controller.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, write_tiny_world_model
+
+from models.controller import Controller, ControllerConfig
+from wm.agent import Agent, AgentSpec, EpisodeRunner, load_models, run_episode
+from wm.checkpoint import load_checkpoint
+from wm.cli import UsageError
+from wm.env import make_env
+from wm.pool import WorkerError, WorkerPool
+
+import train_controller
+from train_controller import Config
+
+
+def start_script(*args: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+
+
+def tiny_run(ckpt_dir, generations: int = 1) -> list[str]:
+    return ["train_controller.py", "--ckpt-dir", str(ckpt_dir), "--pop-size", "4",
+            "--rollouts-per-member", "1", "--generations", str(generations), "--max-steps", "30",
+            "--workers", "2", "--eval-episodes", "2"]
+
+
+# --- C ----------------------------------------------------------------------
+
+def test_parameter_counts_match_the_paper():
+    assert Controller(ControllerConfig(features="zh")).n_params == 867  # (32 + 256) * 3 + 3
+    assert Controller(ControllerConfig(features="z")).n_params == 99  # 32 * 3 + 3
+    assert Controller(ControllerConfig(features="z-hidden")).n_params == 32 * 40 + 40 + 40 * 3 + 3
+
+
+@pytest.mark.parametrize("features", ["zh", "z", "z-hidden"])
+def test_actions_stay_in_range_for_any_input(features):
+    torch.manual_seed(0)
+    c = Controller(ControllerConfig(features=features))
+    c.set_flat(np.random.default_rng(0).normal(0, 10, c.n_params))  # saturating weights
+    a = c(torch.randn(500, 32) * 100, torch.randn(500, 256) * 100)
+    assert a.shape == (500, 3)
+    assert a[:, 0].min() >= -1 and a[:, 0].max() <= 1
+    assert a[:, 1:].min() >= 0 and a[:, 1:].max() <= 1
+    # Both ends are reachable: full left and right, no gas and full gas, no brake.
+    assert a[:, 0].min() < -0.99 and a[:, 0].max() > 0.99
+    assert a[:, 1].min() < 0.01 and a[:, 1].max() > 0.99
+    assert (a[:, 2] == 0).any()
+
+
+def test_flat_vector_round_trip():
+    c = Controller(ControllerConfig(latent_size=8, hidden_size=16))
+    flat = np.random.default_rng(1).normal(size=c.n_params)
+    c.set_flat(flat)
+    np.testing.assert_allclose(c.get_flat(), flat, rtol=1e-6)
+    assert torch.equal(c.net.bias, torch.as_tensor(flat[-3:], dtype=torch.float32))
+    c2 = Controller(c.cfg)
+    c2.set_flat(c.get_flat())
+    z, h = torch.randn(4, 8), torch.randn(4, 16)
+    assert torch.equal(c(z, h), c2(z, h))
+    with pytest.raises(ValueError, match="expected 75 parameters"):
+        c.set_flat(flat[:-1])
+
+
+# --- the agent loop -----------------------------------------------------------
+
+def test_agent_acts_on_v_mu_and_m_hidden_state(tmp_path):
+    write_tiny_world_model(tmp_path)
+    vae, mdnrnn, _ = load_models(tmp_path, with_m=True)
+    c = Controller(ControllerConfig(latent_size=8, hidden_size=16))
+    c.set_flat(np.random.default_rng(0).normal(size=c.n_params))
+    agent = Agent(vae, c, mdnrnn)
+    env = make_env(fast=True, max_steps=5)
+    frame, _ = env.reset(seed=3)
+    agent.reset()
+    state = mdnrnn.initial_state(1)
+    with torch.no_grad():
+        for _ in range(3):
+            from wm.frames import preprocess, to_model_input
+
+            mu, _ = vae.encode(to_model_input(preprocess(frame)[None]))
+            expected = c(mu, state[0])
+            _, state = mdnrnn.step(mu, expected, state)
+            action = agent.act(frame)
+            np.testing.assert_allclose(action, expected[0].numpy(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(agent.state[0], state[0])
+            frame, *_ = env.step(action)
+    assert not torch.equal(agent.state[0], torch.zeros_like(state[0]))  # h moved
+
+
+# --- the worker pool ------------------------------------------------------------
+
+def test_pool_returns_results_in_task_order_as_one_process_would():
+    seeds = [4, 5, 6]
+    env, runner_spec = make_env(fast=True, max_steps=20), AgentSpec(max_steps=20)
+    local = EpisodeRunner(runner_spec)
+    expected = [run_episode(env, local.agent, s) for s in seeds]
+    with WorkerPool(2, EpisodeRunner, runner_spec) as pool:
+        assert pool.map([(None, s) for s in seeds]) == expected
+        assert pool.map([(None, s) for s in seeds[::-1]]) == expected[::-1]
+
+
+@pytest.mark.parametrize("fault, message", [("raise", "injected fault"), ("exit", "died .*exit code 3")])
+def test_pool_surfaces_a_failing_worker_within_seconds(monkeypatch, fault, message):
+    monkeypatch.setenv("WM_FAULT", fault)
+    with WorkerPool(2, EpisodeRunner, AgentSpec(max_steps=20)) as pool:
+        t0 = time.time()
+        with pytest.raises(WorkerError, match=message):
+            pool.map([(None, s) for s in range(4)])
+        assert time.time() - t0 < 10
+
+
+def test_pool_surfaces_a_worker_that_fails_to_start(tmp_path):
+    spec = AgentSpec(ckpt_dir=str(tmp_path), controller={"features": "z"})  # no vae.pt there
+    with pytest.raises(WorkerError, match="failed while starting(.|\n)*vae.pt not found"):
+        WorkerPool(1, EpisodeRunner, spec)
+
+
+# --- train_controller.py ----------------------------------------------------------
+
+def test_one_generation_then_resume(tmp_path):
+    write_tiny_world_model(tmp_path)
+    p = start_script(*tiny_run(tmp_path, generations=1))
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err
+    assert "generation 1  mean" in out
+    ckpt = load_checkpoint(tmp_path / "controller.pt", kind="controller")
+    fingerprints = load_models(tmp_path, with_m=True)[2]
+    assert ckpt["vae_fingerprint"] == fingerprints["vae_fingerprint"]
+    assert ckpt["mdnrnn_fingerprint"] == fingerprints["mdnrnn_fingerprint"]
+    assert ckpt["generation"] == 1 and ckpt["model_args"]["features"] == "zh"
+    assert Controller.from_checkpoint(ckpt).n_params == (8 + 16) * 3 + 3
+    assert (tmp_path / "controller_metrics.png").stat().st_size > 0
+    assert (tmp_path / "controller_es.pkl").is_file()
+
+    # A rerun with more generations picks up at generation 2, in process this time.
+    state = train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, rollouts_per_member=1,
+                                         generations=2, max_steps=30, workers=1, eval_episodes=2))
+    assert state["generation"] == 2 and state["es"].countiter == 2
+    rows = (tmp_path / "controller_metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["generation", "1", "2"]
+    # A finished run has nothing left to do, and says so instead of starting over.
+    state = train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, generations=2))
+    assert state["es"].countiter == 2
+
+
+def test_a_worker_that_raises_ends_the_run_with_its_error(tmp_path):
+    write_tiny_world_model(tmp_path)
+    t0 = time.time()
+    p = start_script(*tiny_run(tmp_path), WM_FAULT="raise")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode != 0
+    assert "RuntimeError: injected fault" in err and "error: worker" in err
+    assert time.time() - t0 < 30
+
+
+def test_ctrl_c_stops_the_run_and_its_workers(tmp_path):
+    write_tiny_world_model(tmp_path)
+    p = start_script(*tiny_run(tmp_path, generations=1000))
+    for line in p.stdout:
+        if line.startswith("generation 1 "):
+            break
+    children = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(p.pid)], capture_output=True,
+                              text=True).stdout.splitlines()
+    workers = [c.split()[0] for c in children if "spawn_main" in c]
+    assert len(workers) == 2, children
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert time.time() - t0 < 10
+    time.sleep(0.5)
+    assert [w for w in workers if os.path.exists(f"/proc/{w}")] == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(pop_size=1), "--pop-size must be at least 2"),
+    (dict(workers=0), "--workers must be at least 1"),
+    (dict(features="zz"), "--features must be one of"),
+    (dict(sigma0=0.0), "--sigma0 must be positive"),
+])
+def test_bad_flags_get_one_line_errors(tmp_path, flags, message):
+    with pytest.raises(UsageError, match=message):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), **flags))
+
+
+def test_missing_checkpoints_name_the_script_that_makes_them(tmp_path):
+    with pytest.raises(UsageError, match="vae.pt not found; run train_vae.py"):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), features="z"))
+    from conftest import write_tiny_vae
+
+    write_tiny_vae(tmp_path)
+    with pytest.raises(UsageError, match="mdnrnn.pt not found; run train_mdnrnn.py"):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), features="zh"))
+
+
+def test_resume_with_other_features_or_another_v_is_refused(tmp_path):
+    import pickle
+
+    import cma
+
+    write_tiny_world_model(tmp_path)
+    fingerprints = load_models(tmp_path, with_m=True)[2]
+    es = cma.CMAEvolutionStrategy(np.zeros(75), 0.1, {"popsize": 4, "verbose": -9})
+    signature = {"features": "zh", "n_params": 75, "pop_size": 4, **fingerprints}
+    train_controller.save_es_state(tmp_path / "controller_es.pkl", {
+        "es": es, "generation": 1, "best_held_out": 0.0, "np_random": np.random.get_state(),
+        "signature": signature})
+    assert pickle.loads((tmp_path / "controller_es.pkl").read_bytes())["generation"] == 1
+    with pytest.raises(UsageError, match="features = zh, this run has z"):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), features="z", pop_size=4))
+    write_tiny_world_model(tmp_path, seed=1)  # another V and M
+    with pytest.raises(UsageError, match="vae_fingerprint"):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4))

@@ -1,0 +1,68 @@
+"""evaluate.py: scores, the JSON, the video, and the random baseline."""
+
+from __future__ import annotations
+
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from conftest import run_script, write_tiny_controller, write_tiny_world_model
+
+import evaluate
+from evaluate import Config
+from wm.cli import UsageError
+
+
+def test_evaluate_writes_the_json_and_a_video(tmp_path):
+    write_tiny_world_model(tmp_path)
+    write_tiny_controller(tmp_path)
+    out, video = tmp_path / "out.json", tmp_path / "out.gif"
+    r = run_script("evaluate.py", "--ckpt-dir", str(tmp_path), "--episodes", "2", "--json", str(out),
+                   "--video", str(video), "--max-steps", "30", "--workers", "2", timeout=180)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["episodes"] == 2 and result["seed"] == 0 and len(result["scores"]) == 2
+    assert result["mean"] == pytest.approx(np.mean(result["scores"]))
+    assert result["std"] == pytest.approx(np.std(result["scores"]))
+    assert "+-" in r.stdout and "episode   2" in r.stdout
+
+    frames = iio.imread(video, index=None)  # every other step of episode 1
+    assert frames.shape == (15, 144, 384, 3)
+    real, v, m = (frames[:, :128, i * 128 + 20:(i + 1) * 128 - 20] for i in range(3))
+    assert real.mean() > 20 and v.mean() > 20  # the road, and V's (untrained, grey) picture
+    assert m[0].max() == 0 and m[-1].mean() > 20  # M has nothing to predict at the first step
+
+
+def test_random_policy_needs_no_checkpoints(tmp_path, monkeypatch):
+    import wm.env
+
+    made = []
+    monkeypatch.setattr(evaluate, "make_env", lambda **kw: made.append(kw) or wm.env.make_env(**kw))
+    out = tmp_path / "r.json"
+    cfg = Config(policy="random", ckpt_dir=str(tmp_path / "nothing"), episodes=3, max_steps=20,
+                 workers=1, json=str(out))
+    result = evaluate.main(cfg)
+    assert json.loads(out.read_text())["scores"] == result["scores"] and len(result["scores"]) == 3
+    assert made and all(kw["fast"] is False for kw in made)  # the official CarRacing-v3
+    assert evaluate.main(cfg)["scores"] == result["scores"]  # seeded: the same tracks, the same actions
+
+
+def test_controller_trained_on_another_v_is_refused(tmp_path):
+    write_tiny_world_model(tmp_path)
+    write_tiny_controller(tmp_path)
+    write_tiny_world_model(tmp_path, seed=1)  # V and M retrained since
+    with pytest.raises(UsageError, match="trained with another vae.pt"):
+        evaluate.main(Config(ckpt_dir=str(tmp_path), episodes=1, workers=1))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(), "controller.pt not found; run train_controller.py"),
+    (dict(episodes=0), "--episodes must be at least 1"),
+    (dict(render="window"), "--render must be none or human"),
+    (dict(video="x.avi"), "--video must end in .gif or .mp4"),
+    (dict(policy="best"), "--policy must be agent or random"),
+])
+def test_bad_input_gets_one_line_errors(tmp_path, flags, message):
+    with pytest.raises(UsageError, match=message):
+        evaluate.main(Config(ckpt_dir=str(tmp_path), **flags))

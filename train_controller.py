@@ -1,0 +1,206 @@
+"""Stage 4: evolve C with CMA-ES on the real CarRacing-v3, V and M frozen.
+
+Each generation CMA-ES proposes `--pop-size` weight vectors for C; every one
+drives the same `--rollouts-per-member` tracks (new tracks each generation)
+in a pool of worker processes, and its fitness is its mean reward. Every
+`--eval-every` generations, and after the last, the CMA-ES mean is scored on
+a fixed set of held-out tracks; controller.pt keeps the best of those.
+
+Reads vae.pt (and mdnrnn.pt for `--features zh`) from --ckpt-dir and writes
+there: controller.pt (best by held-out score), controller_es.pkl (the CMA-ES
+state, rewritten every generation; a rerun resumes from it),
+controller_metrics.csv and controller_metrics.png.
+
+usage: python train_controller.py --ckpt-dir checkpoints --pop-size 64 --rollouts-per-member 16 --workers 16
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cma
+import numpy as np
+from tqdm import tqdm
+
+from models.controller import FEATURES, Controller, ControllerConfig
+from wm.agent import AgentSpec, EpisodeRunner, load_models
+from wm.checkpoint import save_checkpoint
+from wm.cli import fail, run_main
+from wm.metrics import MetricsLog
+from wm.pool import WorkerError, WorkerPool
+
+
+@dataclass
+class Config:
+    ckpt_dir: str = "checkpoints"  # reads vae.pt and mdnrnn.pt, writes controller.pt and the rest here
+    features: str = "zh"  # C's input: zh = [z, h] (the paper), z = V alone, z-hidden = z through 40 tanh units
+    pop_size: int = 64  # CMA-ES population (the paper: 64)
+    rollouts_per_member: int = 16  # episodes per member; fitness is their mean (the paper: 16)
+    sigma0: float = 0.1  # CMA-ES initial step size (the paper: 0.1)
+    generations: int = 100  # total generations, counting those already done before a resume
+    workers: int = os.cpu_count() or 1  # worker processes, each with its own environment
+    max_steps: int = 1000  # time limit of an episode, in steps (the paper: 1000)
+    eval_every: int = 10  # score the CMA-ES mean on held-out tracks every this many generations (the paper: 25)
+    eval_episodes: int = 16  # held-out tracks (the paper: 1024)
+    seed: int = 0  # seeds CMA-ES and the choice of training tracks
+
+
+# Track seeds: held-out tracks are HELD_OUT_SEED + i, training tracks are drawn
+# from [TRAIN_SEED, 2**31), and evaluate.py scores on 0, 1, 2, ... by default,
+# so the three sets never meet.
+HELD_OUT_SEED = 100_000
+TRAIN_SEED = 1_000_000
+
+
+def train_seeds(seed: int, generation: int, n: int) -> list[int]:
+    """The tracks of one generation, the same for every member, so that members
+    are ranked on equal terms; drawn from (seed, generation) so a resumed run
+    redoes a generation on the same tracks."""
+    rng = np.random.default_rng([seed, generation])
+    return rng.integers(TRAIN_SEED, 2**31, size=n).tolist()
+
+
+class RealFitness:
+    """Fitness on the environment itself (the fast twin), in the worker pool.
+
+    A fitness source maps a population and its tracks to rewards; another
+    source (a dream in M) can take this one's place in `main`.
+    """
+
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+
+    def __call__(self, solutions: list[np.ndarray], seeds: list[int]) -> tuple[np.ndarray, int]:
+        """-> (mean reward per member (P,), environment steps taken)."""
+        results = run_episodes(self.pool, [(x, s) for x in solutions for s in seeds], "rollouts")
+        rewards = np.array([r for r, _ in results]).reshape(len(solutions), len(seeds))
+        return rewards.mean(1), sum(n for _, n in results)
+
+
+def run_episodes(pool: WorkerPool, tasks: list[tuple], what: str) -> list[tuple[float, int]]:
+    with tqdm(total=len(tasks), desc=what, leave=False, unit="ep") as bar:
+        return pool.map(tasks, on_result=lambda i, r: bar.update())
+
+
+def check_config(cfg: Config) -> None:
+    if cfg.features not in FEATURES:
+        raise fail(f"--features must be one of {', '.join(FEATURES)}, got {cfg.features!r}")
+    if cfg.pop_size < 2:
+        raise fail(f"--pop-size must be at least 2 (CMA-ES ranks members against each other), got {cfg.pop_size}")
+    for name in ("rollouts_per_member", "generations", "workers", "max_steps", "eval_every", "eval_episodes"):
+        if getattr(cfg, name) < 1:
+            raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.sigma0 > 0:
+        raise fail(f"--sigma0 must be positive, got {cfg.sigma0}")
+
+
+def save_es_state(path: Path, state: dict) -> None:
+    """Pickle the CMA-ES state atomically (it is an object, not weights)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(state, f)
+    os.replace(tmp, path)
+
+
+def load_es_state(path: Path, signature: dict) -> dict | None:
+    """The saved CMA-ES state, or None to start afresh; an error if it was
+    made for another C, V or M."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            state = pickle.load(f)
+    except Exception as e:
+        raise fail(f"{path} is unreadable ({type(e).__name__}: {e}); delete it to start over")
+    for key, value in signature.items():
+        if state["signature"].get(key) != value:
+            raise fail(f"{path} was made with {key} = {state['signature'].get(key)}, this run has "
+                       f"{value}; rerun with the same options, or delete it to start over")
+    return state
+
+
+def main(cfg: Config) -> dict:
+    check_config(cfg)
+    ckpt_dir = Path(cfg.ckpt_dir)
+    uses_m = cfg.features == "zh"
+    vae, mdnrnn, fingerprints = load_models(ckpt_dir, with_m=uses_m)
+    ccfg = ControllerConfig(latent_size=vae.cfg.latent_size,
+                            hidden_size=mdnrnn.cfg.hidden_size if uses_m else 0,
+                            features=cfg.features)
+    controller = Controller(ccfg)
+    del vae, mdnrnn  # the workers load their own copies
+
+    es_path = ckpt_dir / "controller_es.pkl"
+    signature = {"features": cfg.features, "n_params": controller.n_params,
+                 "pop_size": cfg.pop_size, **fingerprints}
+    state = load_es_state(es_path, signature)
+    if state is None:
+        # The paper's code starts from zero weights: steer straight, half gas.
+        es = cma.CMAEvolutionStrategy(np.zeros(controller.n_params), cfg.sigma0,
+                                      {"popsize": cfg.pop_size, "seed": cfg.seed + 1,  # cma reads 0 as "time"
+                                       "verbose": -9})
+        state = {"es": es, "generation": 0, "best_held_out": -np.inf,
+                 "signature": signature, "np_random": np.random.get_state()}
+    else:
+        print(f"resuming from {es_path} at generation {state['generation']}")
+    es = state["es"]
+    # cma draws from numpy's global generator; restoring it makes a resumed run
+    # propose what the uninterrupted one would have.
+    np.random.set_state(state["np_random"])
+    start = state["generation"]
+    metrics = MetricsLog(ckpt_dir / "controller_metrics.csv", step_key="generation")
+    metrics.truncate_after(start)
+    if start >= cfg.generations:
+        print(f"already at generation {start}; raise --generations to train further")
+        return state
+
+    print(f"C: {cfg.features}, {controller.n_params} parameters; population {cfg.pop_size} x "
+          f"{cfg.rollouts_per_member} rollouts of up to {cfg.max_steps} steps, {cfg.workers} workers")
+    spec = AgentSpec(ckpt_dir=str(ckpt_dir), controller=asdict(ccfg), fast=True,
+                     max_steps=cfg.max_steps)
+    held_out_seeds = [HELD_OUT_SEED + i for i in range(cfg.eval_episodes)]
+    try:
+        with WorkerPool(cfg.workers, EpisodeRunner, spec) as pool:
+            fitness = RealFitness(pool)
+            for gen in range(start, cfg.generations):
+                t0 = time.time()
+                solutions = es.ask()
+                rewards, steps = fitness(solutions, train_seeds(cfg.seed, gen, cfg.rollouts_per_member))
+                es.tell(solutions, (-rewards).tolist())  # cma minimises
+                row = {"generation": gen + 1, "mean": rewards.mean(), "best": rewards.max(),
+                       "worst": rewards.min(), "sigma": es.sigma,
+                       "steps_per_s": steps / (time.time() - t0)}
+                if (gen + 1) % cfg.eval_every == 0 or gen + 1 == cfg.generations:
+                    mean_x = es.result.xfavorite  # the distribution's mean
+                    scores = [r for r, _ in run_episodes(pool, [(mean_x, s) for s in held_out_seeds], "held-out")]
+                    row["held_out"] = float(np.mean(scores))
+                    if row["held_out"] > state["best_held_out"]:
+                        state["best_held_out"] = row["held_out"]
+                        controller.set_flat(mean_x)
+                        save_checkpoint(ckpt_dir / "controller.pt", {
+                            "kind": "controller", "model": controller.state_dict(),
+                            "model_args": asdict(ccfg), "config": asdict(cfg),
+                            "generation": gen + 1, "held_out": row["held_out"],
+                            "held_out_std": float(np.std(scores)), **fingerprints})
+                row["seconds"] = time.time() - t0
+                state.update(generation=gen + 1, np_random=np.random.get_state())
+                save_es_state(es_path, state)
+                metrics.append(row)
+                metrics.plot(ckpt_dir / "controller_metrics.png", ["mean", "best", "held_out"],
+                             title=f"CMA-ES on CarRacing-v3 (C: {cfg.features})", ylabel="reward")
+                held = f"  held-out {row['held_out']:7.1f}" if "held_out" in row else ""
+                print(f"generation {gen + 1}  mean {row['mean']:7.1f}  best {row['best']:7.1f}  "
+                      f"worst {row['worst']:7.1f}  sigma {es.sigma:.4f}{held}  "
+                      f"{row['steps_per_s']:.0f} steps/s  {row['seconds']:.1f} s", flush=True)
+    except WorkerError as e:
+        raise fail(str(e)) from None
+    print(f"best held-out score {state['best_held_out']:.1f}; C saved to {ckpt_dir / 'controller.pt'}")
+    return state
+
+
+if __name__ == "__main__":
+    run_main(main, Config)
