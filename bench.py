@@ -119,11 +119,65 @@ def bench_mdnrnn(args) -> dict:
     return result
 
 
+def bench_agent(args) -> dict:
+    """Agent loop steps/s (frame -> V -> C -> env, M) on 1 worker and on all, against the env alone.
+
+    V and M are untrained, at the paper's size, unless --ckpt-dir names trained
+    ones: the speed does not depend on the weights. All three numbers come from
+    the same worker pool code and the fast env, timed after one warm-up episode
+    per worker; episodes of --steps steps (resets included)."""
+    import tempfile
+    from dataclasses import asdict
+
+    from models import MDNRNN, ConvVAE, MDNRNNConfig, VAEConfig
+    from models.controller import Controller, ControllerConfig
+    from wm.agent import AgentSpec, EpisodeRunner
+    from wm.checkpoint import load_checkpoint, save_checkpoint
+    from wm.pool import WorkerPool
+
+    def steps_per_s(spec, workers: int, params) -> float:
+        with WorkerPool(workers, EpisodeRunner, spec) as pool:
+            pool.map([(params, args.seed + i) for i in range(workers)])  # warm-up
+            tasks = [(params, args.seed + i) for i in range(args.episodes * workers)]
+            t0 = time.perf_counter()
+            steps = sum(n for _, n in pool.map(tasks))
+            return steps / (time.perf_counter() - t0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt_dir = args.ckpt_dir or tmp
+        if not args.ckpt_dir:
+            vcfg, mcfg = VAEConfig(), MDNRNNConfig()
+            save_checkpoint(f"{tmp}/vae.pt", {"kind": "vae", "model": ConvVAE(vcfg).state_dict(),
+                                              "model_args": asdict(vcfg)})
+            save_checkpoint(f"{tmp}/mdnrnn.pt", {
+                "kind": "mdnrnn", "model": MDNRNN(mcfg).state_dict(), "model_args": asdict(mcfg),
+                "vae_fingerprint": load_checkpoint(f"{tmp}/vae.pt", "vae")["fingerprint"]})
+        m_args = load_checkpoint(f"{ckpt_dir}/mdnrnn.pt", "mdnrnn")["model_args"]
+        ccfg = ControllerConfig(latent_size=m_args["latent_size"], hidden_size=m_args["hidden_size"])
+        agent = AgentSpec(ckpt_dir=ckpt_dir, controller=asdict(ccfg), max_steps=args.steps)
+        env_only = AgentSpec(max_steps=args.steps)  # random actions, no networks
+        n = args.workers or os.cpu_count() or 1
+        params = Controller(ccfg).get_flat()
+        env_sps = steps_per_s(env_only, 1, None)
+        one = steps_per_s(agent, 1, params)
+        many = steps_per_s(agent, n, params)
+    return {
+        "env_steps_per_s": round(env_sps, 1),
+        "agent_1_worker_steps_per_s": round(one, 1),
+        f"agent_{n}_workers_steps_per_s": round(many, 1),
+        "networks_add_to_a_step": round(env_sps / one - 1, 3),
+        "speedup_all_workers": round(many / one, 2),
+        "workers": n,
+    }
+
+
 BENCHES = {
     "env": (bench_env, [("--steps", int, 300), ("--seed", int, 0)]),
     "mdnrnn": (bench_mdnrnn, [("--batch-size", int, 32), ("--seq-len", int, 100),
                               ("--seconds", float, 2.0), ("--device", str, "auto"),
                               ("--seed", int, 0)]),
+    "agent": (bench_agent, [("--steps", int, 300), ("--episodes", int, 3), ("--workers", int, 0),
+                            ("--ckpt-dir", str, None), ("--seed", int, 0)]),
 }
 
 
