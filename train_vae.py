@@ -1,0 +1,365 @@
+"""Train V, the ConvVAE, on the frames of the collected rollouts.
+
+Frames stream from the rollout files a buffer of rollouts at a time, shuffled
+within the buffer, so the data set never has to fit in memory (the paper's
+10,000 rollouts are about 123 GB as uint8). Whole rollouts are held out for
+validation, chosen by the seed. Each epoch writes, beside the checkpoints:
+vae_metrics.csv, vae_loss.png, vae_recon.png (validation frames above their
+reconstructions) and vae_samples.png (frames decoded from z drawn from the
+prior). A rerun resumes from vae_last.pt; --restart starts over.
+
+    python train_vae.py --data-dir data/rollouts --ckpt-dir checkpoints --epochs 10
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+import warnings
+import zipfile
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import ConvVAE, VAEConfig
+from models.vae import vae_loss
+from wm.checkpoint import load_checkpoint, save_checkpoint
+from wm.cli import fail, resolve_device, run_main
+from wm.frames import FRAME_SIZE, to_image, to_model_input
+from wm.metrics import MetricsLog, image_grid
+from wm.rollouts import BadRollout, list_rollouts, read_rollout
+
+
+@dataclass
+class Config:
+    data_dir: str = "data/rollouts"  # folder of rollout_*.npz written by collect_rollouts.py
+    ckpt_dir: str = "checkpoints"  # where vae.pt, vae_last.pt, the metrics and the pictures go
+    epochs: int = 10  # passes over the training frames (paper: 10)
+    batch_size: int = 100  # frames per step (paper: 100)
+    lr: float = 1e-4  # Adam learning rate (paper: 0.0001)
+    latent_size: int = 32  # size of z (paper: 32)
+    kl_floor: float = 0.5  # free bits: KL floor per latent dimension, in nats (paper: 0.5)
+    val_fraction: float = 0.1  # share of rollouts held out for validation (at least one)
+    buffer_rollouts: int = 32  # rollouts whose frames are shuffled together; bounds memory
+    precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32), bf16 or fp32
+    threads: int = 0  # CPU threads for torch; 0 keeps torch's default (one per core)
+    seed: int = 0  # seeds the validation split, the shuffling and the initial weights
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    restart: bool = False  # ignore vae_last.pt and start from scratch
+
+
+# ---------------------------------------------------------------------------
+# Data: rollout files -> shuffled uint8 batches, streamed
+
+
+def frame_count(path: Path) -> int:
+    """Frames in a rollout, read from the .npy header alone (no decompression
+    of the frames); BadRollout if unreadable, a clear error if of the wrong shape."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("observations.npy") as f:
+            version = np.lib.format.read_magic(f)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(f))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise BadRollout(f"{path}: unreadable rollout ({type(e).__name__}: {e})") from None
+    if len(shape) != 4 or shape[1:] != (FRAME_SIZE, FRAME_SIZE, 3) or dtype != np.uint8:
+        raise fail(f"{path}: frames are {shape} {dtype}, expected (T, {FRAME_SIZE}, {FRAME_SIZE}, 3) "
+                   f"uint8; collect the rollouts again with collect_rollouts.py")
+    return shape[0]
+
+
+def scan_rollouts(data_dir: str) -> dict[Path, int]:
+    """The readable rollouts of a folder and their frame counts, warning about the others."""
+    counts = {}
+    for path in list_rollouts(data_dir):
+        try:
+            counts[path] = frame_count(path)
+        except BadRollout as e:
+            warnings.warn(f"skipping {e}", stacklevel=2)
+    if not counts:
+        raise fail(f"no readable rollouts in {data_dir}; run collect_rollouts.py again")
+    return counts
+
+
+def split_rollouts(files: list[Path], val_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """Hold out whole rollouts for validation, the same ones for the same seed."""
+    if len(files) < 2:
+        raise fail(f"need at least 2 rollouts (one to train on, one to validate on), found "
+                   f"{len(files)}; run collect_rollouts.py with more --rollouts")
+    order = np.random.default_rng(seed).permutation(len(files))
+    n_val = min(len(files) - 1, max(1, round(val_fraction * len(files))))
+    val = sorted(files[i] for i in order[:n_val])
+    train = sorted(files[i] for i in order[n_val:])
+    return train, val
+
+
+def frame_batches(files: list[Path], batch_size: int, buffer_rollouts: int, bad: set[Path],
+                  rng: np.random.Generator | None = None):
+    """Yield (B, 64, 64, 3) uint8 batches from the files, reading `buffer_rollouts`
+    files at a time. With `rng`, files and frames are shuffled (frames across the
+    files of one buffer); without, batches come in file order. A file that turns
+    out unreadable is warned about once, added to `bad` and skipped."""
+    order = rng.permutation(len(files)) if rng is not None else np.arange(len(files))
+    carry = np.zeros((0, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)  # frames short of a batch
+    for start in range(0, len(order), buffer_rollouts):
+        frames = [carry]
+        for i in order[start:start + buffer_rollouts]:
+            if files[i] in bad:
+                continue
+            try:
+                frames.append(read_rollout(files[i])["observations"])
+            except BadRollout as e:
+                bad.add(files[i])
+                warnings.warn(f"skipping {e}", stacklevel=2)
+        frames = np.concatenate(frames)
+        if rng is not None:
+            frames = frames[rng.permutation(len(frames))]
+        full = len(frames) // batch_size * batch_size
+        for s in range(0, full, batch_size):
+            yield frames[s:s + batch_size]
+        carry = frames[full:]
+    if len(carry):
+        yield carry
+
+
+_DONE = object()
+
+
+def prefetch(batches, depth: int = 4):
+    """Run a batch generator in a background thread, so that reading and
+    decompressing the next rollouts overlaps training on these ones. An error
+    in the thread is raised here; leaving the loop early stops the thread."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            for b in batches:
+                if not put(torch.from_numpy(b)):
+                    return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 -- handed to the main thread, raised there
+            put(e)
+
+    threading.Thread(target=work, daemon=True, name="frame-prefetch").start()
+    try:
+        while (item := q.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+# ---------------------------------------------------------------------------
+# Speed: precision and optimizer
+
+
+def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. bf16 only where the hardware
+    computes it natively: emulated bf16 is slower than fp32."""
+    if name not in ("auto", "bf16", "fp32"):
+        raise fail(f"--precision {name!r}: use auto, bf16 or fp32")
+    if name == "fp32":
+        return None
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = _cpu_has_bf16()
+    if name == "bf16" and not native:
+        warnings.warn(f"--precision bf16 on a {device.type} without native bf16 will be slow")
+    return torch.bfloat16 if (native or name == "bf16") else None
+
+
+def _cpu_has_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool((check and check()) or (amx and amx()))
+    except RuntimeError:
+        return False
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where this torch has it for the device (a few
+    ms per step on CPU), else the default one."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def train_step(model: ConvVAE, opt: torch.optim.Optimizer, frames: torch.Tensor, device: torch.device,
+               dtype: torch.dtype | None, kl_floor: float) -> tuple[float, float, float]:
+    """One Adam step on a (B, 64, 64, 3) uint8 batch; returns (loss, recon, kl).
+    A non-finite loss raises FloatingPointError before the weights change."""
+    x = to_model_input(frames, device)  # (B, 3, 64, 64)
+    with autocast(device, dtype):
+        recon, mu, logvar = model(x)
+    loss, rec, kl = vae_loss(recon, x, mu, logvar, kl_floor)
+    values = torch.stack([loss, rec, kl]).tolist()  # one device sync per step
+    if not math.isfinite(values[0]):
+        raise FloatingPointError(f"loss is {values[0]} (recon {values[1]}, kl {values[2]})")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return tuple(values)
+
+
+@torch.no_grad()
+def evaluate(model: ConvVAE, files: list[Path], cfg: Config, device: torch.device, bad: set[Path],
+             n_show: int, total: int) -> tuple[dict[str, float], np.ndarray]:
+    """Mean validation loss, recon and KL over all frames of `files`, in fp32 so
+    that it compares across precisions, with a fixed z noise; and `n_show`
+    validation frames spread evenly over the split, for the pictures."""
+    model.eval()
+    torch.manual_seed(cfg.seed)
+    sums, n = np.zeros(3), 0
+    want = set(np.linspace(0, max(total - 1, 0), n_show).round().astype(int).tolist())
+    shown = []
+    for frames in prefetch(frame_batches(files, cfg.batch_size, cfg.buffer_rollouts, bad)):
+        x = to_model_input(frames, device)
+        recon, mu, logvar = model(x)
+        loss, rec, kl = vae_loss(recon, x, mu, logvar, cfg.kl_floor)
+        sums += np.array([loss.item(), rec.item(), kl.item()]) * len(x)
+        shown += [frames[i - n].numpy() for i in sorted(want) if n <= i < n + len(x)]
+        n += len(x)
+    model.train()
+    if n == 0:
+        raise fail("every validation rollout is unreadable; run collect_rollouts.py again")
+    loss, rec, kl = (sums / n).tolist()
+    return {"val_loss": loss, "val_recon": rec, "val_kl": kl}, np.stack(shown)
+
+
+@torch.no_grad()
+def save_pictures(model: ConvVAE, shown: np.ndarray, ckpt_dir: Path, device: torch.device,
+                  seed: int) -> None:
+    """vae_recon.png: frames above their reconstructions (z = mu); vae_samples.png:
+    frames decoded from the same prior draws every epoch."""
+    model.eval()
+    mu, _ = model.encode(to_model_input(shown, device))
+    image_grid([shown, to_image(model.decode(mu))], ckpt_dir / "vae_recon.png",
+               labels=["frame", "decoded"])
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(2 * len(shown), model.cfg.latent_size, generator=g).to(device)
+    samples = to_image(model.decode(z))
+    image_grid([samples[:len(shown)], samples[len(shown):]], ckpt_dir / "vae_samples.png",
+               labels=["z ~ N(0, I)", ""])
+    model.train()
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict:
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.buffer_rollouts < 1:
+        raise fail("--epochs, --batch-size and --buffer-rollouts must be at least 1")
+    if not 0 < cfg.val_fraction < 1:
+        raise fail(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
+    device = resolve_device(cfg.device)
+    dtype = pick_precision(cfg.precision, device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    ckpt_dir = Path(cfg.ckpt_dir)
+    best_path, last_path = ckpt_dir / "vae.pt", ckpt_dir / "vae_last.pt"
+
+    counts = scan_rollouts(cfg.data_dir)
+    train_files, val_files = split_rollouts(list(counts), cfg.val_fraction, cfg.seed)
+    n_train = sum(counts[f] for f in train_files)
+    n_val = sum(counts[f] for f in val_files)
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = VAEConfig(latent_size=cfg.latent_size)
+    model = ConvVAE(model_cfg).to(device)
+    opt = make_optimizer(model, cfg.lr)
+    start_epoch, best_val = 0, math.inf
+    log = MetricsLog(ckpt_dir / "vae_metrics.csv")
+    if last_path.exists() and not cfg.restart:
+        ckpt = load_checkpoint(last_path, kind="vae")
+        if ckpt["model_args"] != asdict(model_cfg):
+            raise fail(f"{last_path} was trained with {ckpt['model_args']}, not {asdict(model_cfg)}; "
+                       f"pass --restart to start over, or match its settings")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start_epoch, best_val = ckpt["epoch"], ckpt["best_val_loss"]
+        print(f"resuming from {last_path} after epoch {start_epoch}")
+    log.truncate_after(start_epoch)
+    if start_epoch >= cfg.epochs:
+        print(f"{last_path} has already trained {start_epoch} epochs; raise --epochs to go on")
+        return {"epoch": start_epoch, "best_val_loss": best_val}
+    print(f"V: {sum(p.numel() for p in model.parameters()):,} parameters on {device}, "
+          f"{'bf16 autocast' if dtype else 'fp32'}; {n_train} training frames from "
+          f"{len(train_files)} rollouts, {n_val} validation frames from {len(val_files)}")
+
+    bad: set[Path] = set()
+    row: dict = {}
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        rng = np.random.default_rng([cfg.seed, epoch])  # the same order on a resumed run
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        t0 = time.perf_counter()
+        sums, n = np.zeros(3), 0
+        bar = tqdm(total=n_train, desc=f"epoch {epoch}", unit="img", leave=False)
+        for frames in prefetch(frame_batches(train_files, cfg.batch_size, cfg.buffer_rollouts, bad, rng)):
+            try:
+                values = train_step(model, opt, frames, device, dtype, cfg.kl_floor)
+            except FloatingPointError as e:
+                bar.close()
+                raise fail(f"training diverged in epoch {epoch}: {e}; {last_path} is left as it "
+                           f"was after epoch {epoch - 1} (try a lower --lr)")
+            sums += np.array(values) * len(frames)
+            n += len(frames)
+            bar.update(len(frames))
+            bar.set_postfix(loss=f"{values[0]:.1f}")
+        bar.close()
+        if n == 0:
+            raise fail("every training rollout is unreadable; run collect_rollouts.py again")
+        train_s = time.perf_counter() - t0
+        val, shown = evaluate(model, val_files, cfg, device, bad, n_show=8, total=n_val)
+        train_loss, train_recon, train_kl = sums / n
+        best = val["val_loss"] < best_val
+        best_val = min(best_val, val["val_loss"])
+        row = {"epoch": epoch, "train_loss": train_loss, "train_recon": train_recon,
+               "train_kl": train_kl, **val, "img_per_s": n / train_s,
+               "seconds": time.perf_counter() - t0}
+        row = {k: round(float(v), 4) if k != "epoch" else v for k, v in row.items()}
+        payload = {"kind": "vae", "model": model.state_dict(), "model_args": asdict(model_cfg),
+                   "config": asdict(cfg), "optimizer": opt.state_dict(), "epoch": epoch,
+                   **{k: v for k, v in row.items() if k != "epoch"}, "best_val_loss": best_val,
+                   "train_rollouts": [f.name for f in train_files],
+                   "val_rollouts": [f.name for f in val_files]}
+        if best:
+            save_checkpoint(best_path, payload)
+        save_checkpoint(last_path, payload)
+        log.append(row)
+        log.plot(ckpt_dir / "vae_loss.png", ["train_loss", "val_loss", "train_recon", "val_recon",
+                                              "train_kl", "val_kl"],
+                 title="V: loss per frame (recon: summed squared error; KL in nats)", logy=True)
+        save_pictures(model, shown, ckpt_dir, device, cfg.seed)
+        print(f"epoch {epoch}  train {train_loss:.1f} (recon {train_recon:.1f} kl {train_kl:.1f})  "
+              f"val {row['val_loss']:.1f} (recon {row['val_recon']:.1f} kl {row['val_kl']:.1f})"
+              f"{'  best' if best else ''}  {row['img_per_s']:.0f} img/s  {row['seconds']:.1f} s",
+              flush=True)
+    return row
+
+
+if __name__ == "__main__":
+    run_main(main, Config)
