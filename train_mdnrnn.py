@@ -5,7 +5,8 @@ those missing or stale), then trains M to predict z_{t+1}, the reward and the
 episode's end from z_t and a_t. Writes checkpoints/mdnrnn.pt (best validation
 loss), mdnrnn_last.pt (to resume from), mdnrnn_metrics.csv, mdnrnn_loss.png
 and, after training, mdnrnn_strip.png: real frames, V's reconstructions, M's
-one-step predictions and an open-loop dream on a held-out rollout.
+one-step predictions and an open-loop dream on a held-out rollout. A rerun
+resumes from mdnrnn_last.pt; --restart starts over.
 
 usage: python train_mdnrnn.py --data-dir data/rollouts --ckpt-dir checkpoints --epochs 20
 """
@@ -49,7 +50,7 @@ class Config:
     strip_steps: int = 12  # frames in the strip PNG
     strip_start: int = 60  # frame the strip's dream starts from (CarRacing zooms in first)
     dream_temperature: float = 1.0  # tau for the strip's dream (the paper: 1.0 to 1.2)
-    resume: bool = True  # continue from mdnrnn_last.pt when it exists; false starts over
+    restart: bool = False  # ignore mdnrnn_last.pt and start from scratch (else a rerun resumes)
     seed: int = 0  # data split, batch order and z sampling
     device: str = "auto"  # auto, cpu or cuda
 
@@ -183,15 +184,15 @@ def main(cfg: Config) -> dict:
     metrics = MetricsLog(ckpt_dir / "mdnrnn_metrics.csv")
     start_epoch, best = 0, math.inf
     last_path = ckpt_dir / "mdnrnn_last.pt"
-    if cfg.resume and last_path.exists():
+    if not cfg.restart and last_path.exists():
         last = load_checkpoint(last_path, kind="mdnrnn")
         if last.get("vae_fingerprint") != vae_fp:
             raise fail(f"{last_path} was trained on another V (vae fingerprint "
-                       f"{last.get('vae_fingerprint')}, vae.pt is {vae_fp}); pass --resume false "
+                       f"{last.get('vae_fingerprint')}, vae.pt is {vae_fp}); pass --restart "
                        f"to train a new M on this V")
         if last["model_args"] != asdict(mcfg):
             raise fail(f"{last_path} has model {last['model_args']}, this run asks for "
-                       f"{asdict(mcfg)}; pass --resume false to start over")
+                       f"{asdict(mcfg)}; pass --restart to start over")
         model.load_state_dict(last["model"])
         optimizer.load_state_dict(last["optimizer"])
         start_epoch, best = last["epoch"], last["best_val"]

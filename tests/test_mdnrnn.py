@@ -184,9 +184,13 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, synthetic_rollouts)
     rows = (tmp_path / "ckpt" / "mdnrnn_metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["epoch", "1", "2"]
 
-    write_tiny_vae(tmp_path / "ckpt", seed=3)  # a new V: resuming the old M is refused
-    with pytest.raises(UsageError, match="another V"):
+    new_v = load_checkpoint(write_tiny_vae(tmp_path / "ckpt", seed=3), "vae")
+    with pytest.raises(UsageError, match="another V"):  # resuming the old M on a new V is refused
         main(tiny_config(tmp_path, epochs=3))
+    main(tiny_config(tmp_path, epochs=1, restart=True))  # ... and --restart trains a new M on it
+    fresh = load_checkpoint(tmp_path / "ckpt" / "mdnrnn.pt", "mdnrnn")
+    assert fresh["epoch"] == 1 and fresh["vae_fingerprint"] == new_v["fingerprint"]
+    assert len((tmp_path / "ckpt" / "mdnrnn_metrics.csv").read_text().splitlines()) == 2
 
 
 def test_missing_inputs_name_the_script_that_makes_them(tmp_path, synthetic_rollouts):
