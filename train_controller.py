@@ -9,7 +9,7 @@ a fixed set of held-out tracks; controller.pt keeps the best of those.
 Reads vae.pt (and mdnrnn.pt for `--features zh`) from --ckpt-dir and writes
 there: controller.pt (best by held-out score), controller_es.pkl (the CMA-ES
 state, rewritten every generation; a rerun resumes from it),
-controller_metrics.csv and controller_metrics.png.
+controller_metrics.csv and controller_reward.png.
 
 usage: python train_controller.py --ckpt-dir checkpoints --pop-size 64 --rollouts-per-member 16 --workers 16
 """
@@ -47,6 +47,7 @@ class Config:
     eval_every: int = 10  # score the CMA-ES mean on held-out tracks every this many generations (the paper: 25)
     eval_episodes: int = 16  # held-out tracks (the paper: 1024)
     seed: int = 0  # seeds CMA-ES and the choice of training tracks
+    resume: bool = True  # continue from controller_es.pkl when there is one; false starts over
 
 
 # Track seeds: held-out tracks are HELD_OUT_SEED + i, training tracks are drawn
@@ -137,7 +138,7 @@ def main(cfg: Config) -> dict:
     es_path = ckpt_dir / "controller_es.pkl"
     signature = {"features": cfg.features, "n_params": controller.n_params,
                  "pop_size": cfg.pop_size, **fingerprints}
-    state = load_es_state(es_path, signature)
+    state = load_es_state(es_path, signature) if cfg.resume else None
     if state is None:
         # The paper's code starts from zero weights: steer straight, half gas.
         es = cma.CMAEvolutionStrategy(np.zeros(controller.n_params), cfg.sigma0,
@@ -190,7 +191,7 @@ def main(cfg: Config) -> dict:
                 state.update(generation=gen + 1, np_random=np.random.get_state())
                 save_es_state(es_path, state)
                 metrics.append(row)
-                metrics.plot(ckpt_dir / "controller_metrics.png", ["mean", "best", "held_out"],
+                metrics.plot(ckpt_dir / "controller_reward.png", ["mean", "best", "held_out"],
                              title=f"CMA-ES on CarRacing-v3 (C: {cfg.features})", ylabel="reward")
                 held = f"  held-out {row['held_out']:7.1f}" if "held_out" in row else ""
                 print(f"generation {gen + 1}  mean {row['mean']:7.1f}  best {row['best']:7.1f}  "

@@ -141,18 +141,31 @@ def test_one_generation_then_resume(tmp_path):
     assert ckpt["mdnrnn_fingerprint"] == fingerprints["mdnrnn_fingerprint"]
     assert ckpt["generation"] == 1 and ckpt["model_args"]["features"] == "zh"
     assert Controller.from_checkpoint(ckpt).n_params == (8 + 16) * 3 + 3
-    assert (tmp_path / "controller_metrics.png").stat().st_size > 0
+    assert (tmp_path / "controller_reward.png").stat().st_size > 0
     assert (tmp_path / "controller_es.pkl").is_file()
 
     # A rerun with more generations picks up at generation 2, in process this time.
     state = train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, rollouts_per_member=1,
                                          generations=2, max_steps=30, workers=1, eval_episodes=2))
     assert state["generation"] == 2 and state["es"].countiter == 2
+    # ... and lands exactly where an uninterrupted run of two generations does.
+    straight = tmp_path / "straight"
+    write_tiny_world_model(straight)
+    uninterrupted = train_controller.main(Config(
+        ckpt_dir=str(straight), pop_size=4, rollouts_per_member=1, generations=2, max_steps=30,
+        workers=1, eval_episodes=2))
+    np.testing.assert_array_equal(state["es"].result.xfavorite, uninterrupted["es"].result.xfavorite)
     rows = (tmp_path / "controller_metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["generation", "1", "2"]
     # A finished run has nothing left to do, and says so instead of starting over.
     state = train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, generations=2))
     assert state["es"].countiter == 2
+    # --resume false starts over: the metrics of the old run are dropped.
+    train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, rollouts_per_member=1,
+                                 generations=1, max_steps=30, workers=1, eval_episodes=1,
+                                 resume=False))
+    rows = (tmp_path / "controller_metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["generation", "1"]
 
 
 def test_a_worker_that_raises_ends_the_run_with_its_error(tmp_path):
