@@ -8,7 +8,7 @@ a fixed set of held-out tracks; controller.pt keeps the best of those.
 
 Reads vae.pt (and mdnrnn.pt for `--features zh`) from --ckpt-dir and writes
 there: controller.pt (best by held-out score), controller_es.pkl (the CMA-ES
-state, rewritten every generation; a rerun resumes from it),
+state, rewritten every generation; a rerun resumes from it, --restart starts over),
 controller_metrics.csv and controller_reward.png.
 
 usage: python train_controller.py --ckpt-dir checkpoints --pop-size 64 --rollouts-per-member 16 --workers 16
@@ -47,7 +47,7 @@ class Config:
     eval_every: int = 10  # score the CMA-ES mean on held-out tracks every this many generations (the paper: 25)
     eval_episodes: int = 16  # held-out tracks (the paper: 1024)
     seed: int = 0  # seeds CMA-ES and the choice of training tracks
-    resume: bool = True  # continue from controller_es.pkl when there is one; false starts over
+    restart: bool = False  # ignore controller_es.pkl and start from scratch (else a rerun resumes)
 
 
 # Track seeds: held-out tracks are HELD_OUT_SEED + i, training tracks are drawn
@@ -116,11 +116,11 @@ def load_es_state(path: Path, signature: dict) -> dict | None:
         with open(path, "rb") as f:
             state = pickle.load(f)
     except Exception as e:
-        raise fail(f"{path} is unreadable ({type(e).__name__}: {e}); delete it to start over")
+        raise fail(f"{path} is unreadable ({type(e).__name__}: {e}); pass --restart to start over")
     for key, value in signature.items():
         if state["signature"].get(key) != value:
             raise fail(f"{path} was made with {key} = {state['signature'].get(key)}, this run has "
-                       f"{value}; rerun with the same options, or delete it to start over")
+                       f"{value}; pass --restart to start over, or match its settings")
     return state
 
 
@@ -138,7 +138,7 @@ def main(cfg: Config) -> dict:
     es_path = ckpt_dir / "controller_es.pkl"
     signature = {"features": cfg.features, "n_params": controller.n_params,
                  "pop_size": cfg.pop_size, **fingerprints}
-    state = load_es_state(es_path, signature) if cfg.resume else None
+    state = load_es_state(es_path, signature) if not cfg.restart else None
     if state is None:
         # The paper's code starts from zero weights: steer straight, half gas.
         es = cma.CMAEvolutionStrategy(np.zeros(controller.n_params), cfg.sigma0,

@@ -160,10 +160,10 @@ def test_one_generation_then_resume(tmp_path):
     # A finished run has nothing left to do, and says so instead of starting over.
     state = train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, generations=2))
     assert state["es"].countiter == 2
-    # --resume false starts over: the metrics of the old run are dropped.
+    # --restart starts over: the metrics of the old run are dropped.
     train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, rollouts_per_member=1,
                                  generations=1, max_steps=30, workers=1, eval_episodes=1,
-                                 resume=False))
+                                 restart=True))
     rows = (tmp_path / "controller_metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["generation", "1"]
 
