@@ -125,7 +125,8 @@ def bench_agent(args) -> dict:
     V and M are untrained, at the paper's size, unless --ckpt-dir names trained
     ones: the speed does not depend on the weights. All three numbers come from
     the same worker pool code and the fast env, timed after one warm-up episode
-    per worker; episodes of --steps steps (resets included)."""
+    per worker; --rounds rounds of --episodes episodes per worker, each of
+    --steps steps (resets included)."""
     import tempfile
     from dataclasses import asdict
 
@@ -134,14 +135,6 @@ def bench_agent(args) -> dict:
     from wm.agent import AgentSpec, EpisodeRunner
     from wm.checkpoint import load_checkpoint, save_checkpoint
     from wm.pool import WorkerPool
-
-    def steps_per_s(spec, workers: int, params) -> float:
-        with WorkerPool(workers, EpisodeRunner, spec) as pool:
-            pool.map([(params, args.seed + i) for i in range(workers)])  # warm-up
-            tasks = [(params, args.seed + i) for i in range(args.episodes * workers)]
-            t0 = time.perf_counter()
-            steps = sum(n for _, n in pool.map(tasks))
-            return steps / (time.perf_counter() - t0)
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = args.ckpt_dir or tmp
@@ -158,9 +151,23 @@ def bench_agent(args) -> dict:
         env_only = AgentSpec(max_steps=args.steps)  # random actions, no networks
         n = args.workers or os.cpu_count() or 1
         params = Controller(ccfg).get_flat()
-        env_sps = steps_per_s(env_only, 1, None)
-        one = steps_per_s(agent, 1, params)
-        many = steps_per_s(agent, n, params)
+        runs = {"env": (env_only, 1, None), "one": (agent, 1, params), "all": (agent, n, params)}
+        pools = {k: WorkerPool(w, EpisodeRunner, spec) for k, (spec, w, _) in runs.items()}
+        try:
+            for k, (_, w, p) in runs.items():  # warm-up
+                pools[k].map([(p, args.seed + i) for i in range(w)])
+            steps, seconds = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0)
+            # Rounds alternate the three, so that all see the same machine load.
+            for r in range(args.rounds):
+                for k, (_, w, p) in runs.items():
+                    tasks = [(p, args.seed + r * 100 + i) for i in range(args.episodes * w)]
+                    t0 = time.perf_counter()
+                    steps[k] += sum(n_steps for _, n_steps in pools[k].map(tasks))
+                    seconds[k] += time.perf_counter() - t0
+        finally:
+            for pool in pools.values():
+                pool.close()
+    env_sps, one, many = (steps[k] / seconds[k] for k in runs)
     return {
         "env_steps_per_s": round(env_sps, 1),
         "agent_1_worker_steps_per_s": round(one, 1),
@@ -251,8 +258,8 @@ BENCHES = {
     "mdnrnn": (bench_mdnrnn, [("--batch-size", int, 32), ("--seq-len", int, 100),
                               ("--seconds", float, 2.0), ("--device", str, "auto"),
                               ("--seed", int, 0)]),
-    "agent": (bench_agent, [("--steps", int, 300), ("--episodes", int, 3), ("--workers", int, 0),
-                            ("--ckpt-dir", str, None), ("--seed", int, 0)]),
+    "agent": (bench_agent, [("--steps", int, 300), ("--episodes", int, 1), ("--rounds", int, 3),
+                            ("--workers", int, 0), ("--ckpt-dir", str, None), ("--seed", int, 0)]),
     "vae": (bench_vae, [("--batch-size", int, 100), ("--steps", int, 5), ("--rounds", int, 4),
                         ("--device", str, "auto"), ("--seed", int, 0)]),
 }
