@@ -178,6 +178,53 @@ def bench_agent(args) -> dict:
     }
 
 
+def bench_dream(args) -> dict:
+    """Dream steps/s: a population of controllers dreaming in M as one batch,
+    at the paper's sizes (Z 32, 256 units, 5 Gaussians, C on [z, h]), with one
+    thread and with torch's default thread count (on a busy machine one thread
+    can win: the others wait on descheduled peers)."""
+    import torch
+
+    from models import MDNRNN, MDNRNNConfig
+    from models.controller import Controller, ControllerConfig
+    from wm.cli import resolve_device
+    from wm.dream import Dream
+
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    m = MDNRNN(MDNRNNConfig())
+    with torch.no_grad():  # an untrained done head ends episodes at random: time the full length
+        m.done_head.bias.fill_(-50.0)
+    c = Controller(ControllerConfig(latent_size=m.cfg.latent_size, hidden_size=m.cfg.hidden_size))
+    dream = Dream(m, c, torch.randn(100, m.cfg.latent_size), args.temperature, args.max_steps, device)
+    params = 0.1 * np.random.default_rng(args.seed).standard_normal((args.pop_size, c.n_params))
+    seeds = list(range(args.rollouts))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    result = {"device": str(device), "pop_size": args.pop_size, "rollouts": args.rollouts,
+              "max_steps": args.max_steps}
+    default_threads = torch.get_num_threads()
+    rates = {}
+    # Alternate the thread counts, so that both see the same machine load.
+    for rep in range(args.repeats):
+        for threads in sorted({1, default_threads}):
+            torch.set_num_threads(threads)
+            if rep == 0:
+                dream.run(params, seeds[:1])  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            steps = int(dream.run(params, [s + rep * len(seeds) for s in seeds]).lengths.sum())
+            sync()
+            n, secs = rates.get(threads, (0, 0.0))
+            rates[threads] = (n + steps, secs + time.perf_counter() - t0)
+    torch.set_num_threads(default_threads)
+    for threads, (n, secs) in rates.items():
+        result[f"steps_per_s_{threads}_threads"] = round(n / secs, 1)
+    best = max(n / secs for n, secs in rates.values())
+    result["steps_per_s"] = round(best, 1)
+    result["seconds_per_generation_of_1000_steps"] = round(1000 * args.pop_size * args.rollouts / best, 2)
+    return result
+
+
 def bench_vae(args) -> dict:
     """ConvVAE training images/s: a plain fp32 step against train_vae.py's step.
 
@@ -260,6 +307,9 @@ BENCHES = {
                               ("--seed", int, 0)]),
     "agent": (bench_agent, [("--steps", int, 300), ("--episodes", int, 1), ("--rounds", int, 3),
                             ("--workers", int, 0), ("--ckpt-dir", str, None), ("--seed", int, 0)]),
+    "dream": (bench_dream, [("--pop-size", int, 64), ("--rollouts", int, 16), ("--max-steps", int, 200),
+                            ("--repeats", int, 3), ("--temperature", float, 1.0), ("--device", str, "auto"),
+                            ("--seed", int, 0)]),
     "vae": (bench_vae, [("--batch-size", int, 100), ("--steps", int, 5), ("--rounds", int, 4),
                         ("--device", str, "auto"), ("--seed", int, 0)]),
 }

@@ -11,6 +11,13 @@ there: controller.pt (best by held-out score), controller_es.pkl (the CMA-ES
 state, rewritten every generation; a rerun resumes from it, --restart starts over),
 controller_metrics.csv and controller_reward.png.
 
+--mode dream scores the members inside M instead (wm/dream.py): the whole
+population dreams at once, from the first frames of the rollouts in
+--latent-dir, at temperature --temperature; the held-out score stays real,
+so the curve shows how the dreamed policy transfers. It needs an M with
+reward and done heads, and also writes controller_dream_strip.png: the saved
+C in the real game beside its dream from the same first frame.
+
 usage: python train_controller.py --ckpt-dir checkpoints --pop-size 64 --rollouts-per-member 16 --workers 16
 """
 
@@ -28,8 +35,9 @@ from tqdm import tqdm
 
 from models.controller import FEATURES, Controller, ControllerConfig
 from wm.agent import AgentSpec, EpisodeRunner, load_models
-from wm.checkpoint import save_checkpoint
-from wm.cli import fail, run_main
+from wm.checkpoint import load_checkpoint, save_checkpoint
+from wm.cli import fail, resolve_device, run_main
+from wm.dream import make_dream, save_dream_strip
 from wm.metrics import MetricsLog
 from wm.pool import WorkerError, WorkerPool
 
@@ -48,6 +56,10 @@ class Config:
     eval_episodes: int = 16  # held-out tracks (the paper: 1024)
     seed: int = 0  # seeds CMA-ES and the choice of training tracks
     restart: bool = False  # ignore controller_es.pkl and start from scratch (else a rerun resumes)
+    mode: str = "real"  # where members are scored: real = CarRacing-v3 (the paper), dream = inside M
+    temperature: float = 1.0  # dream: tau of M's sampling; above 1 C cannot exploit M's flaws (the paper's VizDoom: 1.15)
+    latent_dir: str = "data/latents"  # dream: episodes start from the first frames of these rollouts
+    device: str = "auto"  # dream: where the dream runs, auto, cpu or cuda (workers use the CPU)
 
 
 # Track seeds: held-out tracks are HELD_OUT_SEED + i, training tracks are drawn
@@ -97,6 +109,10 @@ def check_config(cfg: Config) -> None:
             raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not cfg.sigma0 > 0:
         raise fail(f"--sigma0 must be positive, got {cfg.sigma0}")
+    if cfg.mode not in ("real", "dream"):
+        raise fail(f"--mode must be real or dream, got {cfg.mode!r}")
+    if not cfg.temperature > 0:
+        raise fail(f"--temperature must be positive (the paper: 1.0 to 1.15), got {cfg.temperature}")
 
 
 def save_es_state(path: Path, state: dict) -> None:
@@ -117,6 +133,11 @@ def load_es_state(path: Path, signature: dict) -> dict | None:
             state = pickle.load(f)
     except Exception as e:
         raise fail(f"{path} is unreadable ({type(e).__name__}: {e}); pass --restart to start over")
+    # Real mode leaves "mode" out, so that files from before dream mode still resume.
+    made, this = state["signature"].get("mode", "real"), signature.get("mode", "real")
+    if made != this:
+        raise fail(f"{path} is from a {made}-mode run and this one is {this}-mode; pass "
+                   f"--mode {made} to resume it, or --restart to start over")
     for key, value in signature.items():
         if state["signature"].get(key) != value:
             raise fail(f"{path} was made with {key} = {state['signature'].get(key)}, this run has "
@@ -138,6 +159,11 @@ def main(cfg: Config) -> dict:
     es_path = ckpt_dir / "controller_es.pkl"
     signature = {"features": cfg.features, "n_params": controller.n_params,
                  "pop_size": cfg.pop_size, **fingerprints}
+    if cfg.mode == "dream":
+        dream, world = make_dream(ckpt_dir, controller, cfg.latent_dir, cfg.temperature,
+                                  cfg.max_steps, resolve_device(cfg.device))
+        # C may not read M itself, but its dream does.
+        signature.update(mode="dream", dream_mdnrnn_fingerprint=world.mdnrnn_fingerprint)
     state = load_es_state(es_path, signature) if not cfg.restart else None
     if state is None:
         # The paper's code starts from zero weights: steer straight, half gas.
@@ -166,7 +192,7 @@ def main(cfg: Config) -> dict:
     held_out_seeds = [HELD_OUT_SEED + i for i in range(cfg.eval_episodes)]
     try:
         with WorkerPool(cfg.workers, EpisodeRunner, spec) as pool:
-            fitness = RealFitness(pool)
+            fitness = dream if cfg.mode == "dream" else RealFitness(pool)
             for gen in range(start, cfg.generations):
                 t0 = time.time()
                 solutions = es.ask()
@@ -192,7 +218,8 @@ def main(cfg: Config) -> dict:
                 save_es_state(es_path, state)
                 metrics.append(row)
                 metrics.plot(ckpt_dir / "controller_reward.png", ["mean", "best", "held_out"],
-                             title=f"CMA-ES on CarRacing-v3 (C: {cfg.features})", ylabel="reward")
+                             title=f"CMA-ES {'in M' if cfg.mode == 'dream' else 'on CarRacing-v3'} "
+                                   f"(C: {cfg.features})", ylabel="reward")
                 held = f"  held-out {row['held_out']:7.1f}" if "held_out" in row else ""
                 print(f"generation {gen + 1}  mean {row['mean']:7.1f}  best {row['best']:7.1f}  "
                       f"worst {row['worst']:7.1f}  sigma {es.sigma:.4f}{held}  "
@@ -200,6 +227,12 @@ def main(cfg: Config) -> dict:
     except WorkerError as e:
         raise fail(str(e)) from None
     print(f"best held-out score {state['best_held_out']:.1f}; C saved to {ckpt_dir / 'controller.pt'}")
+    if cfg.mode == "dream":
+        controller.load_state_dict(load_checkpoint(ckpt_dir / "controller.pt", "controller")["model"])
+        strip = save_dream_strip(world.vae, world.mdnrnn, controller, ckpt_dir / "controller_dream_strip.png",
+                                 HELD_OUT_SEED, cfg.temperature, cfg.max_steps)
+        print(f"wrote {ckpt_dir / 'controller_dream_strip.png'}: real {strip['real_score']:.1f} in "
+              f"{strip['real_steps']} steps, dreamed {strip['dream_return']:.1f} in {strip['dream_steps']}")
     return state
 
 

@@ -181,4 +181,78 @@ def test_bench_dream_prints_its_numbers():
                    "--max-steps", "5", "--repeats", "1", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    assert result["rows"] == 6 and result["steps_per_s"] > 0
+    assert result["pop_size"] == 3 and result["rollouts"] == 2
+    assert result["steps_per_s"] >= result["steps_per_s_1_threads"] > 0
+
+
+# --- train_controller.py --mode dream ------------------------------------------------
+
+def dream_setup(tmp_path: Path) -> tuple[Path, Path]:
+    """Tiny matched V and M in tmp_path/ckpt, latents of that V in tmp_path/latents."""
+    vae_path, _ = write_tiny_world_model(tmp_path / "ckpt")
+    write_tiny_latents(tmp_path / "latents", load_checkpoint(vae_path, "vae")["fingerprint"])
+    return tmp_path / "ckpt", tmp_path / "latents"
+
+
+def dream_config(ckpt: Path, latents: Path, **kw):
+    from train_controller import Config
+
+    return Config(**{"mode": "dream", "ckpt_dir": str(ckpt), "latent_dir": str(latents), "pop_size": 8,
+                     "rollouts_per_member": 2, "max_steps": 30, "workers": 1, "eval_episodes": 1,
+                     "device": "cpu", **kw})
+
+
+def test_one_dream_generation_as_a_subprocess(tmp_path):
+    ckpt, latents = dream_setup(tmp_path)
+    r = run_script("train_controller.py", "--mode", "dream", "--pop-size", "8", "--rollouts-per-member", "2",
+                   "--generations", "1", "--latent-dir", str(latents), "--ckpt-dir", str(ckpt),
+                   "--max-steps", "30", "--workers", "1", "--eval-episodes", "1", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "generation 1  mean" in r.stdout and "held-out" in r.stdout
+    c = load_checkpoint(ckpt / "controller.pt", "controller")
+    assert c["generation"] == 1 and c["config"]["mode"] == "dream" and np.isfinite(c["held_out"])
+    for f in ("controller_es.pkl", "controller_metrics.csv", "controller_reward.png",
+              "controller_dream_strip.png"):
+        assert (ckpt / f).stat().st_size > 0, f
+    row = (ckpt / "controller_metrics.csv").read_text().splitlines()
+    assert len(row) == 2 and row[0].startswith("generation,")
+
+
+def test_dream_training_resumes_where_it_stopped(tmp_path):
+    import train_controller
+
+    straight_ckpt, latents = dream_setup(tmp_path / "a")
+    straight = train_controller.main(dream_config(straight_ckpt, latents, generations=2, eval_every=100))
+    ckpt, latents = dream_setup(tmp_path / "b")
+    train_controller.main(dream_config(ckpt, latents, generations=1, eval_every=100))
+    resumed = train_controller.main(dream_config(ckpt, latents, generations=2, eval_every=100))
+    assert resumed["generation"] == 2 and resumed["es"].countiter == 2
+    np.testing.assert_array_equal(resumed["es"].result.xfavorite, straight["es"].result.xfavorite)
+    rows = [r.split(",")[:2] for r in (ckpt / "controller_metrics.csv").read_text().splitlines()]
+    straight_rows = [r.split(",")[:2] for r in (straight_ckpt / "controller_metrics.csv").read_text().splitlines()]
+    assert rows == straight_rows and [r[0] for r in rows] == ["generation", "1", "2"]
+    # The same folder in real mode is another run: refused rather than mixed.
+    with pytest.raises(UsageError, match="from a dream-mode run and this one is real-mode; pass --mode dream"):
+        train_controller.main(dream_config(ckpt, latents, mode="real", generations=3))
+
+
+def test_dream_mode_refuses_bad_input(tmp_path):
+    import train_controller
+    from dataclasses import asdict
+
+    ckpt, latents = dream_setup(tmp_path)
+    for tau in (0.0, -1.0):
+        with pytest.raises(UsageError, match="--temperature must be positive"):
+            train_controller.main(dream_config(ckpt, latents, temperature=tau))
+    with pytest.raises(UsageError, match="no latent files"):
+        train_controller.main(dream_config(ckpt, tmp_path / "nowhere"))
+    # An M trained with --done-weight 0 (no done head), on the same V.
+    m = load_checkpoint(ckpt / "mdnrnn.pt", "mdnrnn")
+    cfg = MDNRNNConfig(**{**m["model_args"], "predict_done": False})
+    from wm.checkpoint import save_checkpoint
+
+    save_checkpoint(ckpt / "mdnrnn.pt", {**m, "model": MDNRNN(cfg).state_dict(), "model_args": asdict(cfg)})
+    r = run_script("train_controller.py", "--mode", "dream", "--ckpt-dir", str(ckpt), "--latent-dir",
+                   str(latents), "--workers", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "no done head" in r.stderr and "--done-weight" in r.stderr

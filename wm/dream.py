@@ -23,6 +23,7 @@ which other members share the batch, which is what the tests check.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 from models.controller import Controller
 from models.mdnrnn import MDNRNN, MDNOutput
 from wm.cli import fail
-from wm.latents import BadLatents, read_latents
+from wm.latents import BadLatents, WorldModel, load_world_model, read_latents
 
 
 class DreamResult(NamedTuple):
@@ -84,6 +85,17 @@ def load_start_states(latent_dir: str | os.PathLike, vae_fingerprint: str) -> to
     return torch.as_tensor(np.stack(starts))
 
 
+def make_dream(ckpt_dir: str | os.PathLike, controller: Controller, latent_dir: str | os.PathLike,
+               temperature: float = 1.0, max_steps: int = 1000,
+               device: torch.device | str = "cpu") -> tuple["Dream", WorldModel]:
+    """The dream of the V and M in `ckpt_dir`, starting from the latents in
+    `latent_dir`, for controllers shaped like `controller` -> (dream, world)."""
+    world = load_world_model(ckpt_dir, device)
+    check_dream_heads(world.mdnrnn, Path(ckpt_dir) / "mdnrnn.pt")
+    starts = load_start_states(latent_dir, world.vae_fingerprint)
+    return Dream(world.mdnrnn, controller, starts, temperature, max_steps, device), world
+
+
 def noise_seed(seeds: list[int]) -> int:
     """One seed for a generation's dream noise, from its rollout seeds."""
     return int(np.random.default_rng([int(s) for s in seeds]).integers(2**62))
@@ -104,7 +116,7 @@ class Dream:
         check_dream_heads(mdnrnn)
         self.device = torch.device(device)
         self.mdnrnn = mdnrnn.to(self.device).eval().requires_grad_(False)
-        self.controller = controller.to(self.device)
+        self.controller = copy.deepcopy(controller).to(self.device)  # for its structure only
         self.starts = starts.to(self.device, torch.float32)  # (N, Z)
         self.temperature = temperature
         self.max_steps = max_steps
@@ -191,11 +203,15 @@ def save_dream_strip(vae, mdnrnn: MDNRNN, controller: Controller, png: str | os.
     dream = Dream(mdnrnn, controller, first_z[0], temperature, max_steps, device)
     result = dream.run(controller.get_flat()[None], [seed], z0=first_z[0], record=True)
     length = int(result.lengths[0, 0])
-    # The same steps in both rows, spread over the shorter of the two episodes.
-    at = np.unique(np.linspace(0, min(steps, length) - 1, n_frames).round().astype(int))
-    real = np.stack([frames[t] for t in at])
+    # The same steps in every row, spread over the longer episode; an episode
+    # that has ended shows grey.
+    at = np.unique(np.linspace(0, max(steps, length) - 1, n_frames).round().astype(int))
+    grey = np.full((64, 64, 3), 128, np.uint8)
+    real = np.stack([frames[min(t, steps - 1)] for t in at])
     recon = to_image(vae.decode(vae.encode(to_model_input(real, device))[0]))
-    dreamed = to_image(vae.decode(result.zs[at, 0, 0]))
+    dreamed = to_image(vae.decode(result.zs[np.minimum(at, length - 1), 0, 0]))
+    real[at >= steps] = recon[at >= steps] = grey
+    dreamed[at >= length] = grey
     dream_return = float(result.returns[0, 0])
     image_grid([real, recon, dreamed], png, labels=[f"real {score:.0f}", "V recon",
                                                     f"dream {dream_return:.0f}"])
