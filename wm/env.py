@@ -82,39 +82,49 @@ class FastCarRacing(CarRacing):
         self._font = None
         self._text_cache: dict[str, pygame.Surface] = {}
         self._road_key = None
-        self._road_xy = None
+        self._polys = None
         # Reused every frame instead of allocating two 1000x800 surfaces.
         self._canvas = pygame.Surface((cr.WINDOW_W, cr.WINDOW_H))
         self._flipped = pygame.Surface((cr.WINDOW_W, cr.WINDOW_H))
 
-    def _road_vertices(self) -> np.ndarray:
-        """All road and border polygons as one (N, 4, 2) array, rebuilt only
-        when reset() makes a new track. Colours are NOT cached: a tile's colour
-        array is mutated in place when the car visits it."""
+    def _polygons(self) -> np.ndarray:
+        """The playfield, the 400 grass patches and every road and border
+        polygon as one (1 + 400 + N, 4, 2) array, so a frame transforms and
+        culls them in one pass; rebuilt only when reset() makes a new track.
+        Colours are NOT cached: a tile's colour array is mutated in place when
+        the car visits it."""
         if self._road_key is not self.road_poly:
             self._road_key = self.road_poly
-            self._road_xy = np.array([poly for poly, _ in self.road_poly], dtype=np.float64)
-        return self._road_xy
+            b = cr.PLAYFIELD
+            field = np.array([[(b, b), (b, -b), (-b, -b), (-b, b)]], dtype=np.float64)
+            road = np.array([poly for poly, _ in self.road_poly], dtype=np.float64).reshape(-1, 4, 2)
+            self._polys = np.concatenate([field, self._GRASS, road])
+        return self._polys
 
-    def _screen_xy(self, polys: np.ndarray, zoom, translation, angle) -> np.ndarray:
+    @staticmethod
+    def _screen_xy(polys: np.ndarray, zoom, translation, angle) -> np.ndarray:
+        """World to window coordinates, with the stock arithmetic and order:
+        rotate (as pygame does), then * zoom, then + translation."""
         xy = rotate_like_pygame(polys, angle)
-        return np.stack([xy[..., 0] * zoom + translation[0], xy[..., 1] * zoom + translation[1]], axis=-1)
+        xy *= zoom
+        xy[..., 0] += translation[0]
+        xy[..., 1] += translation[1]
+        return xy
 
     @staticmethod
     def _visible(xy: np.ndarray) -> np.ndarray:
-        """Indices of the polygons that can change a pixel: the stock culling test (any vertex
-        inside the window grown by MAX_SHAPE_DIM, about 380 px), narrowed to
-        those whose bounding box meets the window grown by 2 px (room for the
-        anti-aliased edge and integer rounding), less its first 100 rows, which
-        become the dashboard after the vertical flip and are painted black
-        before anything else is drawn there. Drawing any other polygon leaves
-        no pixel in the frame, so skipping it keeps the frame identical."""
+        """Indices of the polygons that can change a pixel: the stock culling
+        test (any vertex inside the window grown by MAX_SHAPE_DIM, about
+        380 px), narrowed to those whose bounding box meets the window grown
+        by 2 px (room for the anti-aliased edge and integer rounding), less
+        its first 100 rows, which become the dashboard after the vertical
+        flip and are painted black before anything else is drawn there.
+        Drawing any other polygon leaves no pixel in the frame, so skipping it
+        keeps the frame identical."""
         m, e = cr.MAX_SHAPE_DIM, 2.0
         x, y = xy[..., 0], xy[..., 1]
-        xmin, xmax = x.min(-1), x.max(-1)
-        ymin, ymax = y.min(-1), y.max(-1)
-        meets = ((xmax >= -e) & (xmin <= cr.WINDOW_W + e)
-                 & (ymax >= _DASHBOARD_ROWS - e) & (ymin <= cr.WINDOW_H + e))
+        meets = ((x.max(-1) >= -e) & (x.min(-1) <= cr.WINDOW_W + e)
+                 & (y.max(-1) >= _DASHBOARD_ROWS - e) & (y.min(-1) <= cr.WINDOW_H + e))
         idx = np.flatnonzero(meets)
         # The stock test, on the few survivors only.
         xs, ys = x[idx], y[idx]
@@ -127,26 +137,20 @@ class FastCarRacing(CarRacing):
         gfxdraw.filled_polygon(self.surf, poly, color)
 
     def _render_road(self, zoom, translation, angle):
-        b = cr.PLAYFIELD
-        field = np.array([(b, b), (b, -b), (-b, -b), (-b, b)], dtype=np.float64)
-        field_xy = self._screen_xy(field, zoom, translation, angle)
-        if _covers_window(field_xy):
-            # Every pixel inside; the anti-aliased edge is off the window.
+        xy = self._screen_xy(self._polygons(), zoom, translation, angle)
+        if _covers_window(xy[0]):
+            # Every pixel is inside the playfield; its anti-aliased edge is off the window.
             self.surf.fill(self.bg_color)
         else:
             self.surf.fill((0, 0, 0))  # a new stock surface starts black
-            self._draw(field_xy, self.bg_color)
-
-        grass_xy = self._screen_xy(self._GRASS, zoom, translation, angle)
-        for i in self._visible(grass_xy):
-            self._draw(grass_xy[i], self.grass_color)
-
-        road = self._road_vertices()
-        if len(road):
-            road_xy = self._screen_xy(road, zoom, translation, angle)
-            for i in self._visible(road_xy):
-                color = [int(c) for c in self.road_poly[i][1]]
-                self._draw(road_xy[i], color)
+            self._draw(xy[0], self.bg_color)  # never culled in the stock code
+        first_road = 1 + len(self._GRASS)
+        for i in self._visible(xy[1:]) + 1:
+            if i < first_road:
+                self._draw(xy[i], self.grass_color)
+            else:
+                color = [int(c) for c in self.road_poly[i - first_road][1]]
+                self._draw(xy[i], color)
 
     def _render(self, mode: str):
         # The stock _render, with the score font built once and its text cached.
@@ -213,15 +217,17 @@ class FastCarRacing(CarRacing):
         return text
 
 
-def _covers_window(quad: np.ndarray, margin: float = 4.0) -> bool:
-    """True when the convex quad (4, 2) contains the window grown by `margin`
+def _covers_window(quad: np.ndarray) -> bool:
+    """True when the convex quad (4, 2) contains the window grown by 4
     pixels on every side (so integer rounding of its edges cannot matter)."""
-    corners = np.array([(-margin, -margin), (cr.WINDOW_W + margin, -margin),
-                        (cr.WINDOW_W + margin, cr.WINDOW_H + margin), (-margin, cr.WINDOW_H + margin)])
     edges = np.roll(quad, -1, axis=0) - quad  # (4, 2)
-    rel = corners[:, None, :] - quad[None, :, :]  # (corner, edge, 2)
+    rel = _WINDOW_CORNERS[:, None, :] - quad[None, :, :]  # (corner, edge, 2)
     cross = edges[None, :, 0] * rel[..., 1] - edges[None, :, 1] * rel[..., 0]
     return bool((cross > 0).all() or (cross < 0).all())
+
+
+_WINDOW_CORNERS = np.array([(-4.0, -4.0), (cr.WINDOW_W + 4.0, -4.0),
+                            (cr.WINDOW_W + 4.0, cr.WINDOW_H + 4.0), (-4.0, cr.WINDOW_H + 4.0)])
 
 
 gym.register(id=FAST_ENV_ID, entry_point=FastCarRacing, max_episode_steps=MAX_EPISODE_STEPS,
