@@ -15,8 +15,9 @@ controller_metrics.csv and controller_reward.png.
 population dreams at once, from the first frames of the rollouts in
 --latent-dir, at temperature --temperature; the held-out score stays real,
 so the curve shows how the dreamed policy transfers. It needs an M with
-reward and done heads, and also writes controller_dream_strip.png: the saved
-C in the real game beside its dream from the same first frame.
+reward and done heads, and also writes controller_dream_strip.png with each
+new controller.pt: that C in the real game beside its dream from the same
+first frame.
 
 usage: python train_controller.py --ckpt-dir checkpoints --pop-size 64 --rollouts-per-member 16 --workers 16
 """
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from models.controller import FEATURES, Controller, ControllerConfig
 from wm.agent import AgentSpec, EpisodeRunner, load_models
-from wm.checkpoint import load_checkpoint, save_checkpoint
+from wm.checkpoint import save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.dream import make_dream, save_dream_strip
 from wm.metrics import MetricsLog
@@ -213,6 +214,10 @@ def main(cfg: Config) -> dict:
                             "model_args": asdict(ccfg), "config": asdict(cfg),
                             "generation": gen + 1, "held_out": row["held_out"],
                             "held_out_std": float(np.std(scores)), **fingerprints})
+                        if cfg.mode == "dream":  # the new C in the real game beside its dream
+                            save_dream_strip(world.vae, world.mdnrnn, controller,
+                                             ckpt_dir / "controller_dream_strip.png", HELD_OUT_SEED,
+                                             cfg.temperature, cfg.max_steps)
                 row["seconds"] = time.time() - t0
                 state.update(generation=gen + 1, np_random=np.random.get_state())
                 save_es_state(es_path, state)
@@ -227,12 +232,6 @@ def main(cfg: Config) -> dict:
     except WorkerError as e:
         raise fail(str(e)) from None
     print(f"best held-out score {state['best_held_out']:.1f}; C saved to {ckpt_dir / 'controller.pt'}")
-    if cfg.mode == "dream":
-        controller.load_state_dict(load_checkpoint(ckpt_dir / "controller.pt", "controller")["model"])
-        strip = save_dream_strip(world.vae, world.mdnrnn, controller, ckpt_dir / "controller_dream_strip.png",
-                                 HELD_OUT_SEED, cfg.temperature, cfg.max_steps)
-        print(f"wrote {ckpt_dir / 'controller_dream_strip.png'}: real {strip['real_score']:.1f} in "
-              f"{strip['real_steps']} steps, dreamed {strip['dream_return']:.1f} in {strip['dream_steps']}")
     return state
 
 

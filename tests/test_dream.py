@@ -216,6 +216,11 @@ def test_one_dream_generation_as_a_subprocess(tmp_path):
         assert (ckpt / f).stat().st_size > 0, f
     row = (ckpt / "controller_metrics.csv").read_text().splitlines()
     assert len(row) == 2 and row[0].startswith("generation,")
+    from wm.dream import plot_transfer
+
+    plot_transfer({"dream": ckpt / "controller_metrics.csv", "again": ckpt / "controller_metrics.csv"},
+                  tmp_path / "transfer.png")
+    assert (tmp_path / "transfer.png").stat().st_size > 0
 
 
 def test_dream_training_resumes_where_it_stopped(tmp_path):

@@ -187,6 +187,7 @@ def save_dream_strip(vae, mdnrnn: MDNRNN, controller: Controller, png: str | os.
     from wm.metrics import image_grid
 
     device = next(vae.parameters()).device
+    controller = copy.deepcopy(controller)  # the agent moves it to V's device
     agent = Agent(vae, controller, mdnrnn if controller.uses_memory else None, device)
     frames, first_z = [], []
 
@@ -217,3 +218,27 @@ def save_dream_strip(vae, mdnrnn: MDNRNN, controller: Controller, png: str | os.
                                                     f"dream {dream_return:.0f}"])
     return {"real_score": score, "real_steps": steps, "dream_return": dream_return,
             "dream_steps": length, "steps_shown": at.tolist()}
+
+
+def plot_transfer(runs: dict[str, str | os.PathLike], png: str | os.PathLike) -> None:
+    """The held-out score in the real game against wall-clock hours, one line
+    per training run (label -> its controller_metrics.csv), so that a run in
+    the dream and a run in the real game compare at equal time."""
+    import matplotlib.pyplot as plt
+
+    from wm.metrics import MetricsLog, save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, csv in runs.items():
+        rows = MetricsLog(csv, step_key="generation").rows()
+        hours = np.cumsum([float(r["seconds"]) for r in rows]) / 3600
+        pts = [(t, float(r["held_out"])) for t, r in zip(hours, rows) if r.get("held_out") not in (None, "")]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+    ax.set_xlabel("wall-clock hours of training")
+    ax.set_ylabel("held-out score in CarRacing-v3")
+    ax.set_title("C trained in M's dream vs in the real game")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, png)
