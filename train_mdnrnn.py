@@ -48,8 +48,9 @@ class Config:
     val_fraction: float = 0.1  # share of rollouts held out for validation and the strip
     encode_batch: int = 256  # frames per V forward pass when encoding
     strip_steps: int = 12  # frames in the strip PNG
-    strip_start: int = 60  # frame the strip's dream starts from (CarRacing zooms in first)
-    dream_temperature: float = 1.0  # tau for the strip's dream (the paper: 1.0 to 1.2)
+    strip_every: int = 5  # show every k-th step in the strip (M still steps every frame)
+    strip_start: int = 100  # frame the strip's dream starts from (CarRacing zooms in first)
+    dream_temperature: float = 1.0  # tau for the strip's dream (the paper's Doom dreams: 1.15)
     restart: bool = False  # ignore mdnrnn_last.pt and start from scratch (else a rerun resumes)
     seed: int = 0  # data split, batch order and z sampling
     device: str = "auto"  # auto, cpu or cuda
@@ -129,8 +130,9 @@ def save_strip(vae, model, rollout_path: Path, latents: dict, cfg: Config, devic
     model.eval()
     frames = read_rollout(rollout_path)["observations"]
     T = len(frames)
-    n = max(1, min(cfg.strip_steps, T - 1))
+    n = max(1, min(cfg.strip_steps * cfg.strip_every, T - 1))  # steps dreamed
     s = max(0, min(cfg.strip_start, T - 1 - n))  # the dream starts from frame s
+    shown = torch.arange(min(cfg.strip_every, n) - 1, n, cfg.strip_every)  # columns, as steps after s
     mu = torch.as_tensor(latents["mu"], device=device)  # (T, Z)
     actions = torch.as_tensor(latents["actions"], device=device)  # (T, A)
     # Teacher-forced pass over the real latents from the rollout's start, so
@@ -144,16 +146,17 @@ def save_strip(vae, model, rollout_path: Path, latents: dict, cfg: Config, devic
         step_out, state = model.step(z, actions[None, t], state)
         z = model.sample_next_z(step_out, cfg.dream_temperature, g)  # (1, Z)
         dream.append(z[0])
-    rows = [frames[s + 1:s + 1 + n],
-            to_image(vae.decode(mu[s + 1:s + 1 + n])),
-            to_image(vae.decode(one_step)),
-            to_image(vae.decode(torch.stack(dream)))]
+    real = shown + s + 1  # frame indices of the columns
+    rows = [frames[real.numpy()],
+            to_image(vae.decode(mu[real.to(device)])),
+            to_image(vae.decode(one_step[shown.to(device)])),
+            to_image(vae.decode(torch.stack(dream)[shown.to(device)]))]
     image_grid(rows, png, labels=["real", "V recon", "M one-step", "M dream"])
 
 
 def main(cfg: Config) -> dict:
-    if cfg.epochs < 1 or cfg.seq_len < 1 or cfg.batch_size < 1:
-        raise fail("--epochs, --seq-len and --batch-size must be at least 1")
+    if min(cfg.epochs, cfg.seq_len, cfg.batch_size, cfg.strip_steps, cfg.strip_every) < 1:
+        raise fail("--epochs, --seq-len, --batch-size, --strip-steps and --strip-every must be at least 1")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ckpt_dir = Path(cfg.ckpt_dir)
