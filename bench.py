@@ -156,14 +156,15 @@ def bench_agent(args) -> dict:
         try:
             for k, (_, w, p) in runs.items():  # warm-up
                 pools[k].map([(p, args.seed + i) for i in range(w)])
-            steps, seconds = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0)
+            steps, seconds, cpu = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
             # Rounds alternate the three, so that all see the same machine load.
             for r in range(args.rounds):
                 for k, (_, w, p) in runs.items():
                     tasks = [(p, args.seed + r * 100 + i) for i in range(args.episodes * w)]
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), worker_cpu_seconds(pools[k])
                     steps[k] += sum(n_steps for _, n_steps in pools[k].map(tasks))
                     seconds[k] += time.perf_counter() - t0
+                    cpu[k] += worker_cpu_seconds(pools[k]) - c0
         finally:
             for pool in pools.values():
                 pool.close()
@@ -173,9 +174,21 @@ def bench_agent(args) -> dict:
         "agent_1_worker_steps_per_s": round(one, 1),
         f"agent_{n}_workers_steps_per_s": round(many, 1),
         "networks_add_to_a_step": round(env_sps / one - 1, 3),
+        # The same from the workers' CPU time, which a busy machine's load distorts less.
+        "networks_add_to_a_step_cpu": round((cpu["one"] / steps["one"]) / (cpu["env"] / steps["env"]) - 1, 3),
         "speedup_all_workers": round(many / one, 2),
         "workers": n,
     }
+
+
+def worker_cpu_seconds(pool) -> float:
+    """User + system CPU seconds of a pool's worker processes so far (Linux /proc)."""
+    ticks = 0
+    for p in pool.procs:
+        with open(f"/proc/{p.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def bench_dream(args) -> dict:
