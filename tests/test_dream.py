@@ -251,6 +251,15 @@ def test_dream_mode_refuses_bad_input(tmp_path):
             train_controller.main(dream_config(ckpt, latents, temperature=tau))
     with pytest.raises(UsageError, match="no latent files"):
         train_controller.main(dream_config(ckpt, tmp_path / "nowhere"))
+    # The CMA-ES state of a real-mode run (no "mode" in its signature) is not resumed in a dream.
+    import cma
+
+    train_controller.save_es_state(ckpt / "controller_es.pkl", {
+        "es": cma.CMAEvolutionStrategy(np.zeros(75), 0.1, {"popsize": 8, "verbose": -9}),
+        "generation": 1, "best_held_out": 0.0, "np_random": np.random.get_state(),
+        "signature": {"features": "zh", "n_params": 75, "pop_size": 8}})
+    with pytest.raises(UsageError, match="from a real-mode run and this one is dream-mode; pass --mode real"):
+        train_controller.main(dream_config(ckpt, latents))
     # An M trained with --done-weight 0 (no done head), on the same V.
     m = load_checkpoint(ckpt / "mdnrnn.pt", "mdnrnn")
     cfg = MDNRNNConfig(**{**m["model_args"], "predict_done": False})
