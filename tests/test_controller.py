@@ -114,11 +114,22 @@ def test_pool_returns_results_in_task_order_as_one_process_would():
 @pytest.mark.parametrize("fault, message", [("raise", "injected fault"), ("exit", "died .*exit code 3")])
 def test_pool_surfaces_a_failing_worker_within_seconds(monkeypatch, fault, message):
     monkeypatch.setenv("WM_FAULT", fault)
-    with WorkerPool(2, EpisodeRunner, AgentSpec(max_steps=20)) as pool:
-        t0 = time.time()
-        with pytest.raises(WorkerError, match=message):
-            pool.map([(None, s) for s in range(4)])
-        assert time.time() - t0 < 10
+
+    def hung(*_):
+        raise TimeoutError("the pool hung on a failed worker")
+
+    # A pool that hangs would hang the test suite too: an alarm turns it into a failure.
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        with WorkerPool(2, EpisodeRunner, AgentSpec(max_steps=20)) as pool:
+            t0 = time.time()
+            with pytest.raises(WorkerError, match=message):
+                pool.map([(None, s) for s in range(4)])
+            assert time.time() - t0 < 10
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_pool_surfaces_a_worker_that_fails_to_start(tmp_path):
