@@ -193,11 +193,12 @@ def worker_cpu_seconds(pool) -> float:
 
 def bench_dream(args) -> dict:
     """Dream steps/s: a population of controllers dreaming in M as one batch,
-    at the paper's sizes (Z 32, 256 units, 5 Gaussians, C on [z, h]), with one
-    thread and with torch's default thread count (on a busy machine one thread
-    can win: the others wait on descheduled peers). steps_per_cpu_s_1_thread
-    divides by the CPU time this process got, which a shared machine shrinks
-    less than the wall-clock rate: it is what one core of its own would give."""
+    at the paper's sizes (Z 32, 256 units, 5 Gaussians, C on [z, h]), in
+    float32 and with bfloat16 matrix products, each on one thread and on
+    torch's default thread count (on a busy machine one thread can win: the
+    others wait on descheduled peers). steps_per_cpu_s_* divide by the CPU
+    time this process got on one thread, which a shared machine shrinks less
+    than the wall-clock rate: what one core of its own would give."""
     import torch
 
     from models import MDNRNN, MDNRNNConfig
@@ -211,36 +212,42 @@ def bench_dream(args) -> dict:
     with torch.no_grad():  # an untrained done head ends episodes at random: time the full length
         m.done_head.bias.fill_(-50.0)
     c = Controller(ControllerConfig(latent_size=m.cfg.latent_size, hidden_size=m.cfg.hidden_size))
-    dream = Dream(m, c, torch.randn(100, m.cfg.latent_size), args.temperature, args.max_steps, device)
+    starts = torch.randn(100, m.cfg.latent_size)
+    dreams = {bf16: Dream(m, c, starts, args.temperature, args.max_steps, device, bf16=bf16)
+              for bf16 in (False, True)}
     params = 0.1 * np.random.default_rng(args.seed).standard_normal((args.pop_size, c.n_params))
     seeds = list(range(args.rollouts))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    result = {"device": str(device), "pop_size": args.pop_size, "rollouts": args.rollouts,
-              "max_steps": args.max_steps}
     default_threads = torch.get_num_threads()
-    rates, cpu = {}, [0, 0.0]
-    # Alternate the thread counts, so that both see the same machine load.
+    variants = [(t, bf16) for bf16 in (False, True) for t in sorted({1, default_threads})]
+    wall = {v: [0, 0.0] for v in variants}
+    cpu = {v: [0, 0.0] for v in variants}
+    # Alternate the variants, so that all see the same machine load.
     for rep in range(args.repeats):
-        for threads in sorted({1, default_threads}):
+        for threads, bf16 in variants:
             torch.set_num_threads(threads)
             if rep == 0:
-                dream.run(params, seeds[:1])  # warm-up
+                dreams[bf16].run(params, seeds[:1])  # warm-up
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
-            steps = int(dream.run(params, [s + rep * len(seeds) for s in seeds]).lengths.sum())
+            steps = int(dreams[bf16].run(params, [s + rep * len(seeds) for s in seeds]).lengths.sum())
             sync()
-            if threads == 1:
-                cpu = [cpu[0] + steps, cpu[1] + time.process_time() - c0]
-            n, secs = rates.get(threads, (0, 0.0))
-            rates[threads] = (n + steps, secs + time.perf_counter() - t0)
+            for acc, dt in ((wall, time.perf_counter() - t0), (cpu, time.process_time() - c0)):
+                acc[threads, bf16][0] += steps
+                acc[threads, bf16][1] += dt
     torch.set_num_threads(default_threads)
-    for threads, (n, secs) in rates.items():
-        result[f"steps_per_s_{threads}_threads"] = round(n / secs, 1)
-    best = max(n / secs for n, secs in rates.values())
-    result["steps_per_s"] = round(best, 1)
-    if device.type == "cpu":
-        result["steps_per_cpu_s_1_thread"] = round(cpu[0] / cpu[1], 1)
-    result["seconds_per_generation_of_1000_steps"] = round(1000 * args.pop_size * args.rollouts / best, 2)
+    result = {"device": str(device), "pop_size": args.pop_size, "rollouts": args.rollouts,
+              "max_steps": args.max_steps}
+    for bf16, tag in ((False, ""), (True, "_bf16")):
+        rates = {t: n / s for (t, b), (n, s) in wall.items() if b == bf16}
+        for t, rate in rates.items():
+            result[f"steps_per_s_{t}_threads{tag}"] = round(rate, 1)
+        result[f"steps_per_s{tag}"] = round(max(rates.values()), 1)
+        if device.type == "cpu":
+            n, s = cpu[1, bf16]
+            result[f"steps_per_cpu_s_1_thread{tag}"] = round(n / s, 1)
+    result["seconds_per_generation_of_1000_steps"] = round(
+        1000 * args.pop_size * args.rollouts / result["steps_per_s"], 2)
     return result
 
 
@@ -328,8 +335,8 @@ BENCHES = {
                               ("--seed", int, 0)]),
     "agent": (bench_agent, [("--steps", int, 300), ("--episodes", int, 1), ("--rounds", int, 3),
                             ("--workers", int, 0), ("--ckpt-dir", str, None), ("--seed", int, 0)]),
-    "dream": (bench_dream, [("--pop-size", int, 64), ("--rollouts", int, 16), ("--max-steps", int, 200),
-                            ("--repeats", int, 3), ("--temperature", float, 1.0), ("--device", str, "auto"),
+    "dream": (bench_dream, [("--pop-size", int, 64), ("--rollouts", int, 16), ("--max-steps", int, 100),
+                            ("--repeats", int, 2), ("--temperature", float, 1.0), ("--device", str, "auto"),
                             ("--seed", int, 0)]),
     "vae": (bench_vae, [("--batch-size", int, 100), ("--steps", int, 5), ("--rounds", int, 4),
                         ("--threads", int, 0), ("--device", str, "auto"), ("--seed", int, 0)]),

@@ -61,6 +61,7 @@ class Config:
     temperature: float = 1.0  # dream: tau of M's sampling; above 1 C cannot exploit M's flaws (the paper's VizDoom: 1.15)
     latent_dir: str = "data/latents"  # dream: episodes start from the first frames of these rollouts
     device: str = "auto"  # dream: where the dream runs, auto, cpu or cuda (workers use the CPU)
+    bf16: bool = False  # dream: M's matrix products in bfloat16, 2-3x faster on CPUs with bf16 instructions, ~3 digits
 
 
 # Track seeds: held-out tracks are HELD_OUT_SEED + i, training tracks are drawn
@@ -162,7 +163,7 @@ def main(cfg: Config) -> dict:
                  "pop_size": cfg.pop_size, **fingerprints}
     if cfg.mode == "dream":
         dream, world = make_dream(ckpt_dir, controller, cfg.latent_dir, cfg.temperature,
-                                  cfg.max_steps, resolve_device(cfg.device))
+                                  cfg.max_steps, resolve_device(cfg.device), cfg.bf16)
         # C may not read M itself, but its dream does.
         signature.update(mode="dream", dream_mdnrnn_fingerprint=world.mdnrnn_fingerprint)
     state = load_es_state(es_path, signature) if not cfg.restart else None

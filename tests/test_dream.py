@@ -131,6 +131,19 @@ def test_batched_dream_equals_stepping_members_one_at_a_time():
             torch.testing.assert_close(zs, batched.zs[:length + 1, p, r])
 
 
+def test_bf16_dream_computes_the_same_step_to_three_digits():
+    m = tiny_m()
+    c = Controller(ControllerConfig(latent_size=Z, hidden_size=H))
+    params = np.random.default_rng(0).normal(0, 0.5, (4, c.n_params))
+    starts = torch.randn(5, Z, generator=torch.Generator().manual_seed(1))
+    fp32, bf16 = (Dream(m, c, starts, max_steps=1, bf16=b).run(params, [1, 2, 3], record=True)
+                  for b in (False, True))
+    assert fp32.zs.dtype == bf16.zs.dtype == torch.float32
+    torch.testing.assert_close(bf16.returns, fp32.returns, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(bf16.zs, fp32.zs, rtol=0.05, atol=0.05)
+    assert not torch.equal(bf16.returns, fp32.returns)  # it really ran in bfloat16
+
+
 @torch.no_grad()
 def test_done_ends_an_episode_and_its_reward_stops_counting():
     m = tiny_m()
@@ -183,6 +196,8 @@ def test_bench_dream_prints_its_numbers():
     result = json.loads(r.stdout)
     assert result["pop_size"] == 3 and result["rollouts"] == 2
     assert result["steps_per_s"] >= result["steps_per_s_1_threads"] > 0
+    assert result["steps_per_s_bf16"] >= result["steps_per_s_1_threads_bf16"] > 0
+    assert result["steps_per_cpu_s_1_thread"] > 0 and result["steps_per_cpu_s_1_thread_bf16"] > 0
 
 
 # --- train_controller.py --mode dream ------------------------------------------------
@@ -206,7 +221,8 @@ def test_one_dream_generation_as_a_subprocess(tmp_path):
     ckpt, latents = dream_setup(tmp_path)
     r = run_script("train_controller.py", "--mode", "dream", "--pop-size", "8", "--rollouts-per-member", "2",
                    "--generations", "1", "--latent-dir", str(latents), "--ckpt-dir", str(ckpt),
-                   "--max-steps", "30", "--workers", "1", "--eval-episodes", "1", "--device", "cpu")
+                   "--max-steps", "30", "--workers", "1", "--eval-episodes", "1", "--device", "cpu",
+                   "--bf16")
     assert r.returncode == 0, r.stderr
     assert "generation 1  mean" in r.stdout and "held-out" in r.stdout
     c = load_checkpoint(ckpt / "controller.pt", "controller")

@@ -86,14 +86,14 @@ def load_start_states(latent_dir: str | os.PathLike, vae_fingerprint: str) -> to
 
 
 def make_dream(ckpt_dir: str | os.PathLike, controller: Controller, latent_dir: str | os.PathLike,
-               temperature: float = 1.0, max_steps: int = 1000,
-               device: torch.device | str = "cpu") -> tuple["Dream", WorldModel]:
+               temperature: float = 1.0, max_steps: int = 1000, device: torch.device | str = "cpu",
+               bf16: bool = False) -> tuple["Dream", WorldModel]:
     """The dream of the V and M in `ckpt_dir`, starting from the latents in
     `latent_dir`, for controllers shaped like `controller` -> (dream, world)."""
     world = load_world_model(ckpt_dir, device)
     check_dream_heads(world.mdnrnn, Path(ckpt_dir) / "mdnrnn.pt")
     starts = load_start_states(latent_dir, world.vae_fingerprint)
-    return Dream(world.mdnrnn, controller, starts, temperature, max_steps, device), world
+    return Dream(world.mdnrnn, controller, starts, temperature, max_steps, device, bf16), world
 
 
 def noise_seed(seeds: list[int]) -> int:
@@ -105,12 +105,14 @@ class Dream:
     """M as a batched environment for a population of controllers.
 
     `controller` gives C's structure (its own weights are not used); `starts`
-    (N, Z) are the start states to draw from.
+    (N, Z) are the start states to draw from. `bf16` runs the matrix products
+    in bfloat16 (autocast; M's memory stays float32): about 3x faster on a CPU
+    with bf16 instructions, at about 3 significant digits in M's outputs.
     """
 
     def __init__(self, mdnrnn: MDNRNN, controller: Controller, starts: torch.Tensor,
                  temperature: float = 1.0, max_steps: int = 1000,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", bf16: bool = False):
         if not temperature > 0:
             raise ValueError(f"the dream's temperature must be positive, got {temperature}")
         check_dream_heads(mdnrnn)
@@ -120,12 +122,12 @@ class Dream:
         self.starts = starts.to(self.device, torch.float32)  # (N, Z)
         self.temperature = temperature
         self.max_steps = max_steps
+        self.bf16 = bf16
 
     def start_indices(self, seeds: list[int]) -> list[int]:
         """Rollout r starts from the start state its seed picks."""
         return [int(np.random.default_rng(int(s)).integers(len(self.starts))) for s in seeds]
 
-    @torch.no_grad()
     def run(self, params, seeds: list[int], z0: torch.Tensor | None = None,
             record: bool = False) -> DreamResult:
         """Dream R = len(seeds) episodes for each of P controllers.
@@ -134,6 +136,10 @@ class Dream:
         seeds: one per rollout; they pick the start states and the noise.
         z0: (R, Z) start states to use instead of the drawn ones.
         """
+        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+            return self._run(params, seeds, z0, record)
+
+    def _run(self, params, seeds, z0, record) -> DreamResult:
         m, dev = self.mdnrnn, self.device
         params = torch.as_tensor(np.asarray(params) if not torch.is_tensor(params) else params,
                                  dtype=torch.float32, device=dev)
@@ -159,7 +165,7 @@ class Dream:
             returns += torch.where(alive, out.reward, 0.0)
             lengths += alive
             alive &= u_done >= torch.sigmoid(out.done_logit)
-            z = m.sample_next_z(out, self.temperature, noise=(u, eps))  # (P, R, Z)
+            z = m.sample_next_z(out, self.temperature, noise=(u, eps)).float()  # (P, R, Z)
             if record:
                 zs.append(z)
             if not alive.any():
