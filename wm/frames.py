@@ -26,7 +26,7 @@ def preprocess(frame: np.ndarray) -> np.ndarray:
     if frame.shape != (96, 96, 3) or frame.dtype != np.uint8:
         raise ValueError(f"expected a (96, 96, 3) uint8 CarRacing frame, got {frame.shape} {frame.dtype}")
     view = Image.fromarray(frame[:DASHBOARD_ROW])
-    return np.asarray(view.resize((FRAME_SIZE, FRAME_SIZE), Image.BILINEAR))
+    return np.array(view.resize((FRAME_SIZE, FRAME_SIZE), Image.BILINEAR))  # writable, for torch
 
 
 def to_model_input(frames: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
