@@ -48,7 +48,7 @@ class Config:
     val_fraction: float = 0.1  # share of rollouts held out for validation (at least one)
     buffer_rollouts: int = 32  # rollouts whose frames are shuffled together; bounds memory
     precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32), bf16 or fp32
-    threads: int = 0  # CPU threads for torch; 0 keeps torch's default (one per core); 1 is far faster on a busy shared machine
+    threads: int = 0  # torch CPU threads; 0: one per core; 1 is far faster on a busy shared machine
     seed: int = 0  # seeds the validation split, the shuffling and the initial weights
     device: str = "auto"  # auto: CUDA when present, else CPU
     restart: bool = False  # ignore vae_last.pt and start from scratch
