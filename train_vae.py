@@ -123,7 +123,7 @@ def frame_batches(files: list[Path], batch_size: int, buffer_rollouts: int, bad:
         full = len(frames) // batch_size * batch_size
         for s in range(0, full, batch_size):
             yield frames[s:s + batch_size]
-        carry = frames[full:]
+        carry = frames[full:].copy()  # a copy, so that this buffer can be freed
     if len(carry):
         yield carry
 
