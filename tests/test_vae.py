@@ -134,15 +134,16 @@ OUTPUTS = ("vae.pt", "vae_last.pt", "vae_metrics.csv", "vae_loss.png", "vae_reco
 
 
 def tiny(data_dir, ckpt_dir, **kw) -> train_vae.Config:
+    # fp32: bf16 has its own test, and the subprocess run uses the default
     return train_vae.Config(**{"data_dir": str(data_dir), "ckpt_dir": str(ckpt_dir), "epochs": 1,
-                               "batch_size": 16, **kw})
+                               "batch_size": 16, "precision": "fp32", **kw})
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Synthetic rollouts and the checkpoint folder after one tiny epoch."""
     root = tmp_path_factory.mktemp("vae")
-    make_synthetic_rollouts(root / "rollouts")
+    make_synthetic_rollouts(root / "rollouts", n=3, steps=16)  # one batch of 16 per rollout
     train_vae.main(tiny(root / "rollouts", root / "ckpt"))
     return root
 
@@ -221,7 +222,7 @@ def test_wrong_frame_shape_is_a_clear_error(tmp_path):
 
 def test_unreadable_rollouts_are_skipped_with_a_warning(tmp_path):
     data = tmp_path / "r"
-    good = make_synthetic_rollouts(data, n=3, steps=20)
+    good = make_synthetic_rollouts(data, n=3, steps=16)
     truncated = rollout_path(data, 7)
     truncated.write_bytes(good[0].read_bytes()[:500])  # a kill mid-write by another tool
     no_actions = rollout_path(data, 8)  # frames fine, the rest missing: caught while streaming
