@@ -304,3 +304,15 @@ def test_bf16_step_gives_the_fp32_loss():
     assert train_vae.pick_precision("fp32", torch.device("cpu")) is None
     with pytest.raises(UsageError):
         train_vae.pick_precision("fp16", torch.device("cpu"))
+
+
+def test_bench_vae_reports_both_rates_from_one_run():
+    import argparse
+
+    import bench
+
+    args = argparse.Namespace(batch_size=4, steps=1, rounds=1, threads=0, device="cpu", seed=0)
+    result = bench.bench_vae(args)
+    assert result["baseline_img_per_s"] > 0 and result["img_per_s"] > 0
+    speedup = result["img_per_s"] / result["baseline_img_per_s"]
+    assert result["ratio"] == pytest.approx(speedup, rel=0.02, abs=0.01)
