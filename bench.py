@@ -3,7 +3,7 @@
     python bench.py env --steps 300 --json     stock vs fast CarRacing-v3
     python bench.py vae --json                 ConvVAE training images/s
     python bench.py mdnrnn --json              MDN-RNN sequences/s, cell steps/s
-    python bench.py agent --json               agent loop steps/s, 1 vs all workers
+    python bench.py agent --json               agent loop steps/s, 1 vs all workers, batched
     python bench.py dream --json               simulated dream steps/s
 
 Each subcommand prints one JSON object with --json, else one line per number.
@@ -124,15 +124,18 @@ def bench_agent(args) -> dict:
 
     V and M are untrained, at the paper's size, unless --ckpt-dir names trained
     ones: the speed does not depend on the weights. All three numbers come from
-    the same worker pool code and the fast env, timed after one warm-up episode
-    per worker; --rounds rounds of --episodes episodes per worker, each of
-    --steps steps (resets included)."""
+    the same worker pool code and the fast env, each worker driving
+    --batch-size episodes at once (V, M and C batched over them, as in
+    train_controller.py), timed after one warm-up batch per worker; --rounds
+    rounds of --episodes batches per worker, each episode --steps steps
+    (resets included). network_overhead = agent time per step / env time per
+    step - 1."""
     import tempfile
     from dataclasses import asdict
 
     from models import MDNRNN, ConvVAE, MDNRNNConfig, VAEConfig
     from models.controller import Controller, ControllerConfig
-    from wm.agent import AgentSpec, EpisodeRunner
+    from wm.agent import AgentSpec, EpisodeRunner, map_episodes
     from wm.checkpoint import load_checkpoint, save_checkpoint
     from wm.pool import WorkerPool
 
@@ -150,19 +153,20 @@ def bench_agent(args) -> dict:
         agent = AgentSpec(ckpt_dir=ckpt_dir, controller=asdict(ccfg), max_steps=args.steps)
         env_only = AgentSpec(max_steps=args.steps)  # random actions, no networks
         n = args.workers or os.cpu_count() or 1
+        K = args.batch_size
         params = Controller(ccfg).get_flat()
         runs = {"env": (env_only, 1, None), "one": (agent, 1, params), "all": (agent, n, params)}
         pools = {k: WorkerPool(w, EpisodeRunner, spec) for k, (spec, w, _) in runs.items()}
         try:
-            for k, (_, w, p) in runs.items():  # warm-up
-                pools[k].map([(p, args.seed + i) for i in range(w)])
+            for k, (_, w, p) in runs.items():  # warm-up, which also makes each worker's K environments
+                map_episodes(pools[k], [(p, args.seed + i) for i in range(w * K)], K)
             steps, seconds, cpu = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
             # Rounds alternate the three, so that all see the same machine load.
             for r in range(args.rounds):
                 for k, (_, w, p) in runs.items():
-                    tasks = [(p, args.seed + r * 100 + i) for i in range(args.episodes * w)]
+                    tasks = [(p, args.seed + 1000 * (r + 1) + i) for i in range(args.episodes * w * K)]
                     t0, c0 = time.perf_counter(), worker_cpu_seconds(pools[k])
-                    steps[k] += sum(n_steps for _, n_steps in pools[k].map(tasks))
+                    steps[k] += sum(n_steps for _, n_steps in map_episodes(pools[k], tasks, K))
                     seconds[k] += time.perf_counter() - t0
                     cpu[k] += worker_cpu_seconds(pools[k]) - c0
         finally:
@@ -173,11 +177,12 @@ def bench_agent(args) -> dict:
         "env_steps_per_s": round(env_sps, 1),
         "agent_1_worker_steps_per_s": round(one, 1),
         f"agent_{n}_workers_steps_per_s": round(many, 1),
-        "networks_add_to_a_step": round(env_sps / one - 1, 3),
+        "network_overhead": round(env_sps / one - 1, 3),
         # The same from the workers' CPU time, which a busy machine's load distorts less.
-        "networks_add_to_a_step_cpu": round((cpu["one"] / steps["one"]) / (cpu["env"] / steps["env"]) - 1, 3),
+        "network_overhead_cpu": round((cpu["one"] / steps["one"]) / (cpu["env"] / steps["env"]) - 1, 3),
         "speedup_all_workers": round(many / one, 2),
         "workers": n,
+        "batch_size": K,
     }
 
 
@@ -337,7 +342,8 @@ BENCHES = {
                               ("--seconds", float, 2.0), ("--device", str, "auto"),
                               ("--seed", int, 0)]),
     "agent": (bench_agent, [("--steps", int, 300), ("--episodes", int, 1), ("--rounds", int, 3),
-                            ("--workers", int, 0), ("--ckpt-dir", str, None), ("--seed", int, 0)]),
+                            ("--batch-size", int, 16), ("--workers", int, 0), ("--ckpt-dir", str, None),
+                            ("--seed", int, 0)]),
     "dream": (bench_dream, [("--pop-size", int, 64), ("--rollouts", int, 16), ("--max-steps", int, 100),
                             ("--repeats", int, 2), ("--temperature", float, 1.0), ("--device", str, "auto"),
                             ("--seed", int, 0)]),

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from models.controller import Controller
-from wm.agent import AgentSpec, EpisodeRunner, build_agent, check_controller, load_models, run_episode
+from wm.agent import (AgentSpec, EpisodeRunner, build_agent, check_controller, load_models, map_episodes,
+                      run_episode, run_episodes)
 from wm.checkpoint import load_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.env import make_env
@@ -39,6 +40,7 @@ class Config:
     episodes: int = 100  # episodes, one track each (the paper: 100)
     seed: int = 0  # episode i drives the track of seed + i
     workers: int = os.cpu_count() or 1  # worker processes; 1 runs everything in this process
+    batch_size: int = 16  # episodes driven at once in lockstep, V, M and C batched (1 with --render human)
     max_steps: int = 1000  # time limit of an episode (CarRacing-v3's own: 1000)
     render: str = "none"  # none, or human: a window to watch the agent drive (runs in this process)
     video: str = None  # record the first episode to this .gif or .mp4
@@ -51,7 +53,7 @@ def check_config(cfg: Config) -> None:
         raise fail(f"--policy must be agent or random, got {cfg.policy!r}")
     if cfg.render not in ("none", "human"):
         raise fail(f"--render must be none or human, got {cfg.render!r}")
-    for name in ("episodes", "workers", "max_steps"):
+    for name in ("episodes", "workers", "batch_size", "max_steps"):
         if getattr(cfg, name) < 1:
             raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.video and Path(cfg.video).suffix.lower() not in (".gif", ".mp4"):
@@ -138,21 +140,29 @@ def main(cfg: Config) -> dict:
         agent = build_agent(spec, resolve_device(cfg.device))
         if params is not None:
             agent.controller.set_flat(params)
-        env = make_env(fast=False, render_mode="human" if cfg.render == "human" else None,
-                       max_steps=cfg.max_steps)
-        for i in range(len(seeds) if in_process else 1):
-            video = VideoRecorder(cfg.video, every=2 if cfg.video.lower().endswith(".gif") else 1) \
-                if cfg.video and i == 0 else None
-            report(i, run_episode(env, agent, seeds[i], on_step=video))
-            if video is not None:
-                video.save()
-                print(f"video of episode 1 saved to {cfg.video}")
-        env.close()
+        envs = [make_env(fast=False, render_mode="human" if cfg.render == "human" else None,
+                         max_steps=cfg.max_steps)]
+        if cfg.video:  # the filmed episode alone
+            video = VideoRecorder(cfg.video, every=2 if cfg.video.lower().endswith(".gif") else 1)
+            report(0, run_episode(envs[0], agent, seeds[0], on_step=video))
+            video.save()
+            print(f"video of episode 1 saved to {cfg.video}")
+        if in_process:
+            batch = 1 if cfg.render == "human" else cfg.batch_size  # one window, one car
+            envs += [make_env(fast=False, max_steps=cfg.max_steps) for _ in range(min(batch, len(seeds)) - 1)]
+            todo = [i for i in range(len(seeds)) if i not in results]
+            for start in range(0, len(todo), batch):
+                rows = todo[start:start + batch]
+                for i, result in zip(rows, run_episodes(envs, agent, [seeds[i] for i in rows])):
+                    report(i, result)
+        for env in envs:
+            env.close()
     todo = [i for i in range(len(seeds)) if i not in results]
     if todo:
         try:
             with WorkerPool(min(cfg.workers, len(todo)), EpisodeRunner, spec) as pool:
-                pool.map([(params, seeds[i]) for i in todo], on_result=lambda k, r: report(todo[k], r))
+                map_episodes(pool, [(params, seeds[i]) for i in todo], cfg.batch_size,
+                             on_result=lambda k, r: report(todo[k], r))
         except WorkerError as e:
             raise fail(str(e)) from None
 

@@ -2,7 +2,9 @@
 
 Each generation CMA-ES proposes `--pop-size` weight vectors for C; every one
 drives the same `--rollouts-per-member` tracks (new tracks each generation)
-in a pool of worker processes, and its fitness is its mean reward. Every
+in a pool of worker processes, and its fitness is its mean reward. A worker
+drives up to `--batch-size` episodes at once in lockstep (one member's
+rollouts, or several members'), so that V, M and C run on a batch. Every
 `--eval-every` generations, and after the last, the CMA-ES mean is scored on
 a fixed set of held-out tracks; controller.pt keeps the best of those.
 
@@ -35,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from models.controller import FEATURES, Controller, ControllerConfig
-from wm.agent import AgentSpec, EpisodeRunner, load_models
+from wm.agent import AgentSpec, EpisodeRunner, load_models, map_episodes
 from wm.checkpoint import save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.dream import make_dream, save_dream_strip
@@ -51,7 +53,8 @@ class Config:
     rollouts_per_member: int = 16  # episodes per member; fitness is their mean (the paper: 16)
     sigma0: float = 0.1  # CMA-ES initial step size (the paper: 0.1)
     generations: int = 100  # total generations, counting those already done before a resume
-    workers: int = os.cpu_count() or 1  # worker processes, each with its own environment
+    workers: int = os.cpu_count() or 1  # worker processes, each with its own environments
+    batch_size: int = 16  # episodes a worker drives at once in lockstep, V, M and C batched over them
     max_steps: int = 1000  # time limit of an episode, in steps (the paper: 1000)
     eval_every: int = 10  # score the CMA-ES mean on held-out tracks every this many generations (the paper: 25)
     eval_episodes: int = 16  # held-out tracks (the paper: 1024)
@@ -86,19 +89,21 @@ class RealFitness:
     source (a dream in M) can take this one's place in `main`.
     """
 
-    def __init__(self, pool: WorkerPool):
-        self.pool = pool
+    def __init__(self, pool: WorkerPool, batch_size: int):
+        self.pool, self.batch_size = pool, batch_size
 
     def __call__(self, solutions: list[np.ndarray], seeds: list[int]) -> tuple[np.ndarray, int]:
         """-> (mean reward per member (P,), environment steps taken)."""
-        results = run_episodes(self.pool, [(x, s) for x in solutions for s in seeds], "rollouts")
+        # Member-major, so that a worker's batch is one member's rollouts, or several members'.
+        tasks = [(x, s) for x in solutions for s in seeds]
+        results = run_in_pool(self.pool, tasks, self.batch_size, "rollouts")
         rewards = np.array([r for r, _ in results]).reshape(len(solutions), len(seeds))
         return rewards.mean(1), sum(n for _, n in results)
 
 
-def run_episodes(pool: WorkerPool, tasks: list[tuple], what: str) -> list[tuple[float, int]]:
+def run_in_pool(pool: WorkerPool, tasks: list[tuple], batch_size: int, what: str) -> list[tuple[float, int]]:
     with tqdm(total=len(tasks), desc=what, leave=False, unit="ep") as bar:
-        return pool.map(tasks, on_result=lambda i, r: bar.update())
+        return map_episodes(pool, tasks, batch_size, on_result=lambda i, r: bar.update())
 
 
 def check_config(cfg: Config) -> None:
@@ -106,7 +111,8 @@ def check_config(cfg: Config) -> None:
         raise fail(f"--features must be one of {', '.join(FEATURES)}, got {cfg.features!r}")
     if cfg.pop_size < 2:
         raise fail(f"--pop-size must be at least 2 (CMA-ES ranks members against each other), got {cfg.pop_size}")
-    for name in ("rollouts_per_member", "generations", "workers", "max_steps", "eval_every", "eval_episodes"):
+    for name in ("rollouts_per_member", "generations", "workers", "batch_size", "max_steps", "eval_every",
+                 "eval_episodes"):
         if getattr(cfg, name) < 1:
             raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not cfg.sigma0 > 0:
@@ -194,7 +200,7 @@ def main(cfg: Config) -> dict:
     held_out_seeds = [HELD_OUT_SEED + i for i in range(cfg.eval_episodes)]
     try:
         with WorkerPool(cfg.workers, EpisodeRunner, spec) as pool:
-            fitness = dream if cfg.mode == "dream" else RealFitness(pool)
+            fitness = dream if cfg.mode == "dream" else RealFitness(pool, cfg.batch_size)
             for gen in range(start, cfg.generations):
                 t0 = time.time()
                 solutions = es.ask()
@@ -205,7 +211,8 @@ def main(cfg: Config) -> dict:
                        "steps_per_s": steps / (time.time() - t0)}
                 if (gen + 1) % cfg.eval_every == 0 or gen + 1 == cfg.generations:
                     mean_x = es.result.xfavorite  # the distribution's mean
-                    scores = [r for r, _ in run_episodes(pool, [(mean_x, s) for s in held_out_seeds], "held-out")]
+                    scores = [r for r, _ in run_in_pool(pool, [(mean_x, s) for s in held_out_seeds],
+                                                        cfg.batch_size, "held-out")]
                     row["held_out"] = float(np.mean(scores))
                     if row["held_out"] > state["best_held_out"]:
                         state["best_held_out"] = row["held_out"]

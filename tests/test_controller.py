@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, write_tiny_world_model
 
 from models.controller import Controller, ControllerConfig
-from wm.agent import Agent, AgentSpec, EpisodeRunner, load_models, run_episode
+from wm.agent import Agent, AgentSpec, EpisodeRunner, load_models, map_episodes, run_episode, run_episodes
 from wm.checkpoint import load_checkpoint
 from wm.cli import UsageError
 from wm.env import make_env
@@ -83,7 +83,7 @@ def test_agent_acts_on_v_mu_and_m_hidden_state(tmp_path):
     agent = Agent(vae, c, mdnrnn)
     env = make_env(fast=True, max_steps=5)
     frame, _ = env.reset(seed=3)
-    agent.reset()
+    agent.reset([3])
     state = mdnrnn.initial_state(1)
     with torch.no_grad():
         for _ in range(3):
@@ -92,13 +92,52 @@ def test_agent_acts_on_v_mu_and_m_hidden_state(tmp_path):
             mu, _ = vae.encode(to_model_input(preprocess(frame)[None]))
             expected = c(mu, state[0])
             _, state = mdnrnn.step(mu, expected, state)
-            action = agent.act(frame)
+            action = agent.act(frame[None])[0]
             np.testing.assert_allclose(action, expected[0].numpy(), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(agent.state[0], state[0])
             frame, *_ = env.step(action)
     assert not torch.equal(agent.state[0], torch.zeros_like(state[0]))  # h moved
 
 
+class RecordActions:
+    """An environment that remembers the actions it was given."""
+
+    def __init__(self, env):
+        self.env, self.actions = env, []
+
+    def reset(self, **kw):
+        self.actions = []
+        return self.env.reset(**kw)
+
+    def step(self, action):
+        self.actions.append(np.array(action))
+        return self.env.step(action)
+
+
+@pytest.mark.parametrize("features", ["zh", "z-hidden"])
+def test_a_batch_of_episodes_scores_exactly_as_each_one_alone(tmp_path, features):
+    write_tiny_world_model(tmp_path)
+    vae, mdnrnn, _ = load_models(tmp_path, with_m=True)
+    c = Controller(ControllerConfig(latent_size=8, hidden_size=16, features=features))
+    agent = Agent(vae, c, mdnrnn if c.uses_memory else None)
+    params = np.random.default_rng(0).normal(0, 2, (4, c.n_params))  # a C per episode
+    params[:, -2] += 3  # full gas: the cars reach the road's tiles
+    seeds = [7, 8, 7, 9]
+    # Different time limits, so that episodes leave the batch at different steps.
+    limits = [35, 12, 25, 30]
+    envs = [RecordActions(make_env(fast=True, max_steps=n)) for n in limits]
+    batched = run_episodes(envs, agent, seeds, params)
+    actions = [e.actions for e in envs]
+    assert [n for _, n in batched] == limits
+    alone = []
+    for i in range(4):
+        alone += run_episodes([envs[i]], agent, [seeds[i]], params[i:i + 1])
+        # The same actions up to float rounding (the matrix library rounds a
+        # product of 1 row differently from one of 4), and so the same rewards.
+        np.testing.assert_allclose(np.stack(envs[i].actions), np.stack(actions[i]), atol=1e-5)
+    assert batched == alone
+    assert max(score for score, _ in batched) > 0  # some car touched new tiles: scores say something
+    assert len({round(score, 3) for score, _ in batched}) > 2
 # --- the worker pool ------------------------------------------------------------
 
 def test_pool_returns_results_in_task_order_as_one_process_would():
@@ -107,8 +146,10 @@ def test_pool_returns_results_in_task_order_as_one_process_would():
     local = EpisodeRunner(runner_spec)
     expected = [run_episode(env, local.agent, s) for s in seeds]
     with WorkerPool(2, EpisodeRunner, runner_spec) as pool:
-        assert pool.map([(None, s) for s in seeds]) == expected
-        assert pool.map([(None, s) for s in seeds[::-1]]) == expected[::-1]
+        assert pool.map([(None, [s]) for s in seeds]) == [[e] for e in expected]
+        assert pool.map([(None, seeds[::-1])]) == [expected[::-1]]  # one batch of three
+        for batch_size in (1, 2, 16):
+            assert map_episodes(pool, [(None, s) for s in seeds], batch_size) == expected
 
 
 @pytest.mark.parametrize("fault, message", [("raise", "injected fault"), ("exit", "died .*exit code 3")])
@@ -125,7 +166,7 @@ def test_pool_surfaces_a_failing_worker_within_seconds(monkeypatch, fault, messa
         with WorkerPool(2, EpisodeRunner, AgentSpec(max_steps=20)) as pool:
             t0 = time.time()
             with pytest.raises(WorkerError, match=message):
-                pool.map([(None, s) for s in range(4)])
+                pool.map([(None, [s]) for s in range(4)])
             assert time.time() - t0 < 10
     finally:
         signal.alarm(0)

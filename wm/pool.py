@@ -1,7 +1,7 @@
 """A persistent pool of worker processes that never hangs on a dead worker.
 
     with WorkerPool(4, EpisodeRunner, spec) as pool:
-        results = pool.map([(params, seed), ...])   # in task order
+        results = pool.map([(params, seeds), ...])   # in task order
 
 Each worker calls `factory(*args)` once when it starts (load the networks,
 make the environment) and then runs `runner(*task)` for every task it is
