@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from models import MDNRNN, ConvVAE, MDNRNNConfig, mdn_loss
-from wm.checkpoint import load_checkpoint, save_checkpoint
+from wm.checkpoint import load_checkpoint, resume_training, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.frames import to_image
 from wm.latents import check_latent_size, encode_rollouts
@@ -188,18 +188,14 @@ def main(cfg: Config) -> dict:
     start_epoch, best = 0, math.inf
     last_path = ckpt_dir / "mdnrnn_last.pt"
     if not cfg.restart and last_path.exists():
-        last = load_checkpoint(last_path, kind="mdnrnn")
-        if last.get("vae_fingerprint") != vae_fp:
+        last_fp = load_checkpoint(last_path, kind="mdnrnn").get("vae_fingerprint")
+        if last_fp != vae_fp:
             raise fail(f"{last_path} was trained on another V (vae fingerprint "
-                       f"{last.get('vae_fingerprint')}, vae.pt is {vae_fp}); pass --restart "
+                       f"{last_fp}, vae.pt is {vae_fp}); pass --restart "
                        f"to train a new M on this V")
-        if last["model_args"] != asdict(mcfg):
-            raise fail(f"{last_path} has model {last['model_args']}, this run asks for "
-                       f"{asdict(mcfg)}; pass --restart to start over")
-        model.load_state_dict(last["model"])
-        optimizer.load_state_dict(last["optimizer"])
+    last = resume_training(last_path, "mdnrnn", model, optimizer, asdict(mcfg), cfg.restart)
+    if last is not None:
         start_epoch, best = last["epoch"], last["best_val"]
-        print(f"resuming from {last_path} after epoch {start_epoch}")
     metrics.truncate_after(start_epoch)
 
     print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters")

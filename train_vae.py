@@ -18,7 +18,6 @@ import queue
 import threading
 import time
 import warnings
-import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,11 +28,11 @@ from tqdm import tqdm
 
 from models import ConvVAE, VAEConfig
 from models.vae import vae_loss
-from wm.checkpoint import load_checkpoint, save_checkpoint
+from wm.checkpoint import resume_training, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.frames import FRAME_SIZE, to_image, to_model_input
 from wm.metrics import MetricsLog, image_grid
-from wm.rollouts import BadRollout, list_rollouts, read_rollout
+from wm.rollouts import BadRollout, array_headers, list_rollouts, read_rollout
 
 
 @dataclass
@@ -61,13 +60,7 @@ class Config:
 def frame_count(path: Path) -> int:
     """Frames in a rollout, read from the .npy header alone (no decompression
     of the frames); BadRollout if unreadable, a clear error if of the wrong shape."""
-    try:
-        with zipfile.ZipFile(path) as zf, zf.open("observations.npy") as f:
-            version = np.lib.format.read_magic(f)
-            shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0(f))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise BadRollout(f"{path}: unreadable rollout ({type(e).__name__}: {e})") from None
+    shape, dtype = array_headers(path, ["observations"])["observations"]
     if len(shape) != 4 or shape[1:] != (FRAME_SIZE, FRAME_SIZE, 3) or dtype != np.uint8:
         raise fail(f"{path}: frames are {shape} {dtype}, expected (T, {FRAME_SIZE}, {FRAME_SIZE}, 3) "
                    f"uint8; collect the rollouts again with collect_rollouts.py")
@@ -293,15 +286,9 @@ def main(cfg: Config) -> dict:
     opt = make_optimizer(model, cfg.lr)
     start_epoch, best_val = 0, math.inf
     log = MetricsLog(ckpt_dir / "vae_metrics.csv")
-    if last_path.exists() and not cfg.restart:
-        ckpt = load_checkpoint(last_path, kind="vae")
-        if ckpt["model_args"] != asdict(model_cfg):
-            raise fail(f"{last_path} was trained with {ckpt['model_args']}, not {asdict(model_cfg)}; "
-                       f"pass --restart to start over, or match its settings")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+    ckpt = resume_training(last_path, "vae", model, opt, asdict(model_cfg), cfg.restart)
+    if ckpt is not None:
         start_epoch, best_val = ckpt["epoch"], ckpt["best_val_loss"]
-        print(f"resuming from {last_path} after epoch {start_epoch}")
     log.truncate_after(start_epoch)
     if start_epoch >= cfg.epochs:
         print(f"{last_path} has already trained {start_epoch} epochs; raise --epochs to go on")

@@ -79,3 +79,24 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
     if kind is not None and ckpt.get("kind", kind) != kind:
         raise fail(f"{path} holds a {ckpt.get('kind')} checkpoint, expected {kind}")
     return ckpt
+
+
+def resume_training(path: str | os.PathLike, kind: str, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, model_args: dict,
+                    restart: bool = False) -> dict[str, Any] | None:
+    """Load a `*_last.pt` into `model` and `optimizer` to go on training.
+
+    Returns the checkpoint, or None when there is none or `restart` is set.
+    A checkpoint of another model size is refused rather than half-loaded.
+    """
+    path = Path(path)
+    if restart or not path.exists():
+        return None
+    ckpt = load_checkpoint(path, kind=kind)
+    if ckpt["model_args"] != model_args:
+        raise fail(f"{path} was trained with {ckpt['model_args']}, this run asks for {model_args}; "
+                   f"pass --restart to start over, or match its settings")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    print(f"resuming from {path} after epoch {ckpt['epoch']}")
+    return ckpt

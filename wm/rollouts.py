@@ -62,22 +62,33 @@ def read_rollout(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return data
 
 
+def array_headers(path: str | os.PathLike, keys=KEYS) -> dict[str, tuple[tuple, np.dtype]]:
+    """{key: (shape, dtype)} of arrays in an .npz, read from the .npy headers
+    alone, without decompressing the data; BadRollout if the file is
+    truncated, unreadable or lacks a key."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            headers = {}
+            for key in keys:
+                with z.open(f"{key}.npy") as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(f)
+                    headers[key] = (shape, dtype)
+            return headers
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise BadRollout(f"{path}: unreadable rollout ({type(e).__name__}: {e})") from None
+
+
 def is_complete(path: str | os.PathLike) -> bool:
     """A cheap check that a rollout file is whole: its zip directory opens,
     every array is there, and their headers agree on the shapes. It reads
     headers only, so checking 10,000 files takes seconds, not minutes;
     `read_rollout` still checks the data itself when it is used."""
     try:
-        with zipfile.ZipFile(path) as z:
-            shapes = {}
-            for key in KEYS:
-                with z.open(f"{key}.npy") as f:
-                    major, _ = np.lib.format.read_magic(f)
-                    read_header = (np.lib.format.read_array_header_1_0 if major == 1
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read_header(f)
-                    shapes[key] = (shape, dtype)
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        shapes = array_headers(path)
+    except BadRollout:
         return False
     obs_shape, obs_dtype = shapes["observations"]
     T = obs_shape[0]
