@@ -28,6 +28,7 @@ import math
 import gymnasium as gym
 import numpy as np
 import pygame
+from gymnasium.envs.box2d import car_dynamics as cd
 from gymnasium.envs.box2d import car_racing as cr
 from gymnasium.envs.box2d.car_racing import CarRacing
 from pygame import gfxdraw
@@ -99,6 +100,9 @@ class FastCarRacing(CarRacing):
             field = np.array([[(b, b), (b, -b), (-b, -b), (-b, b)]], dtype=np.float64)
             road = np.array([poly for poly, _ in self.road_poly], dtype=np.float64).reshape(-1, 4, 2)
             self._polys = np.concatenate([field, self._GRASS, road])
+            # A circle around each polygon, for a cheap first cull.
+            self._centers = self._polys.mean(axis=1)  # (P, 2)
+            self._radii = np.linalg.norm(self._polys - self._centers[:, None], axis=-1).max(axis=1)
         return self._polys
 
     @staticmethod
@@ -136,21 +140,36 @@ class FastCarRacing(CarRacing):
         gfxdraw.aapolygon(self.surf, poly, color)
         gfxdraw.filled_polygon(self.surf, poly, color)
 
+    def _near_window(self, zoom, translation, angle) -> np.ndarray:
+        """Indices of the polygons (playfield excluded) whose bounding circle
+        comes within a few pixels of the drawn part of the window: a cheap,
+        generous first cull, so that only these few dozen polygons have their
+        vertices transformed and go through the exact tests of `_visible`."""
+        c = self._screen_xy(self._centers[1:], zoom, translation, angle)  # (P - 1, 2)
+        r = self._radii[1:] * zoom + 4.0  # + 4 px: rounding, and the 2 px of `_visible`
+        near = ((c[:, 0] + r >= 0) & (c[:, 0] - r <= cr.WINDOW_W)
+                & (c[:, 1] + r >= _DASHBOARD_ROWS) & (c[:, 1] - r <= cr.WINDOW_H))
+        return np.flatnonzero(near) + 1
+
     def _render_road(self, zoom, translation, angle):
-        xy = self._screen_xy(self._polygons(), zoom, translation, angle)
-        if _covers_window(xy[0]):
+        polys = self._polygons()
+        field = self._screen_xy(polys[0], zoom, translation, angle)
+        if _covers_window(field):
             # Every pixel is inside the playfield; its anti-aliased edge is off the window.
             self.surf.fill(self.bg_color)
         else:
             self.surf.fill((0, 0, 0))  # a new stock surface starts black
-            self._draw(xy[0], self.bg_color)  # never culled in the stock code
+            self._draw(field, self.bg_color)  # never culled in the stock code
+        near = self._near_window(zoom, translation, angle)
+        xy = self._screen_xy(polys[near], zoom, translation, angle)  # same arithmetic per vertex
         first_road = 1 + len(self._GRASS)
-        for i in self._visible(xy[1:]) + 1:
+        for j in self._visible(xy):
+            i = near[j]
             if i < first_road:
-                self._draw(xy[i], self.grass_color)
+                self._draw(xy[j], self.grass_color)
             else:
                 color = [int(c) for c in self.road_poly[i - first_road][1]]
-                self._draw(xy[i], color)
+                self._draw(xy[j], color)
 
     def _render(self, mode: str):
         # The stock _render, with the score font built once and its text cached.
@@ -174,7 +193,10 @@ class FastCarRacing(CarRacing):
         trans = (cr.WINDOW_W / 2 + trans[0], cr.WINDOW_H / 4 + trans[1])
 
         self._render_road(zoom, trans, angle)
-        self.car.draw(self.surf, zoom, trans, angle, mode not in ["state_pixels_list", "state_pixels"])
+        if mode in ["state_pixels_list", "state_pixels"]:
+            self._draw_car(zoom, trans, angle)
+        else:  # windows and videos also draw the tyre particles
+            self.car.draw(self.surf, zoom, trans, angle, True)
         self.surf = self._flip(self._canvas)
         self._render_indicators(cr.WINDOW_W, cr.WINDOW_H)
 
@@ -196,6 +218,37 @@ class FastCarRacing(CarRacing):
             return self._create_image_array(self.surf, (cr.STATE_W, cr.STATE_H))
         else:
             return self.isopen
+
+    def _draw_car(self, zoom, translation, angle) -> None:
+        """`Car.draw` without particles, as for observations, with every vertex
+        rotated and scaled in one numpy pass instead of one Vector2 at a time.
+        The polygons, their order and colours are the stock ones."""
+        shapes = []  # (world vertices, colour), in the stock drawing order
+        for obj in self.car.drawlist:
+            color = [int(c * 255) for c in obj.color]
+            for f in obj.fixtures:
+                trans = f.body.transform
+                shapes.append(([tuple(trans * v) for v in f.shape.vertices], color))
+                if "phase" not in obj.__dict__:
+                    continue
+                a1, a2 = obj.phase, obj.phase + 1.2  # the stock wheel stripe
+                s1, s2, c1, c2 = math.sin(a1), math.sin(a2), math.cos(a1), math.cos(a2)
+                if s1 > 0 and s2 > 0:
+                    continue
+                if s1 > 0:
+                    c1 = np.sign(c1)
+                if s2 > 0:
+                    c2 = np.sign(c2)
+                w, r, size = cd.WHEEL_W, cd.WHEEL_R, cd.SIZE
+                stripe = [(-w * size, +r * c1 * size), (+w * size, +r * c1 * size),
+                          (+w * size, +r * c2 * size), (-w * size, +r * c2 * size)]
+                shapes.append(([tuple(trans * v) for v in stripe], cd.WHEEL_WHITE))
+        points = np.array([p for vertices, _ in shapes for p in vertices], dtype=np.float64)
+        xy = self._screen_xy(points, zoom, translation, angle).tolist()
+        start = 0
+        for vertices, color in shapes:
+            pygame.draw.polygon(self.surf, color=color, points=xy[start:start + len(vertices)])
+            start += len(vertices)
 
     def _flip(self, src: pygame.Surface) -> pygame.Surface:
         """pygame.transform.flip(src, False, True), into the reused surface."""
