@@ -79,16 +79,22 @@ def test_rerun_skips_complete_and_redoes_partial(tmp_path):
 def test_ctrl_c_leaves_no_half_written_file(tmp_path):
     out = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "collect_rollouts.py", "--rollouts", "6", "--max-steps",
-                             "400", "--workers", "2", "--out-dir", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)
+    proc = subprocess.Popen([sys.executable, "collect_rollouts.py", "--rollouts", "30", "--max-steps",
+                             "1000", "--workers", "2", "--out-dir", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Interrupt once the first rollout is written, while others are being written.
+    deadline = time.time() + 120
+    while not list(out.glob("rollout_*.npz")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert not list(out.glob(".*tmp*"))
-    assert all(is_complete(f) for f in out.glob("rollout_*.npz"))
+    written = list(out.glob("rollout_*.npz"))
+    assert 1 <= len(written) < 30 and all(is_complete(f) for f in written)
 
 
 @pytest.mark.parametrize("args, message", [
