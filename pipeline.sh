@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The reference run, stage after stage, as the README reports it: 200 random
 # rollouts, V for one epoch, M for 30, C for 7 generations in the real game,
-# then 100 episodes of the official CarRacing-v3 (about 1.5 hours on 2
-# cores). Every stage resumes where it stopped, so rerunning this after an
-# interruption continues rather than starting over.
+# then 100 episodes of the official CarRacing-v3: roughly half an hour on 2
+# idle cores, by the stage timings in the README. Every stage resumes where
+# it stopped, so rerunning this after an interruption continues rather than
+# starting over.
 set -euo pipefail
 cd "$(dirname "$0")"
 export SDL_VIDEODRIVER=${SDL_VIDEODRIVER:-dummy}
