@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from wm.checkpoint import load_checkpoint
 from wm.cli import fail
 from wm.frames import to_model_input
-from wm.rollouts import BadRollout, read_rollout, write_rollout
+from wm.rollouts import BadRollout, load_arrays, read_rollout, write_rollout
 
 LATENT_KEYS = ("mu", "logvar", "actions", "rewards", "terminated", "truncated",
                "vae_fingerprint", "source_bytes")
@@ -51,11 +50,7 @@ def read_latents(path: str | os.PathLike, vae_fingerprint: str | None = None,
     """Load one latent file; raise BadLatents if it is unreadable, of the
     wrong schema, or (when given) made by another V or from another rollout."""
     path = Path(path)
-    try:
-        with np.load(path) as f:
-            data = {k: f[k] for k in LATENT_KEYS}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise BadLatents(f"{path}: unreadable latent file ({type(e).__name__}: {e})") from None
+    data = load_arrays(path, LATENT_KEYS, BadLatents, "latent file")
     mu, T = data["mu"], len(data["mu"])
     if mu.ndim != 2 or data["logvar"].shape != mu.shape or mu.dtype != np.float32:
         raise BadLatents(f"{path}: mu/logvar are {mu.shape} {mu.dtype}, expected (T, Z) float32")

@@ -43,15 +43,26 @@ class BadRollout(ValueError):
     pass
 
 
+# What reading a truncated, corrupt or foreign .npz raises.
+NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def load_arrays(path: str | os.PathLike, keys, error: type[Exception] = BadRollout,
+                what: str = "rollout") -> dict[str, np.ndarray]:
+    """The arrays `keys` of an .npz, or `error` naming the file as an
+    unreadable `what` (rollout files here, latent files in wm/latents.py)."""
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in keys}
+    except NPZ_ERRORS as e:
+        raise error(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from None
+
+
 def read_rollout(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Load and check one rollout; raise BadRollout naming the file if it is
     truncated, unreadable or not of the schema above."""
     path = Path(path)
-    try:
-        with np.load(path) as f:
-            data = {k: f[k] for k in KEYS}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise BadRollout(f"{path}: unreadable rollout ({type(e).__name__}: {e})") from None
+    data = load_arrays(path, KEYS)
     obs = data["observations"]
     T = len(obs)
     if obs.dtype != np.uint8 or obs.shape[1:] != (FRAME_SIZE, FRAME_SIZE, 3):
@@ -77,7 +88,7 @@ def array_headers(path: str | os.PathLike, keys=KEYS) -> dict[str, tuple[tuple, 
                     shape, _, dtype = read_header(f)
                     headers[key] = (shape, dtype)
             return headers
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except NPZ_ERRORS as e:
         raise BadRollout(f"{path}: unreadable rollout ({type(e).__name__}: {e})") from None
 
 
