@@ -187,13 +187,13 @@ def main(cfg: Config) -> dict:
     metrics = MetricsLog(ckpt_dir / "mdnrnn_metrics.csv")
     start_epoch, best = 0, math.inf
     last_path = ckpt_dir / "mdnrnn_last.pt"
-    if not cfg.restart and last_path.exists():
-        last_fp = load_checkpoint(last_path, kind="mdnrnn").get("vae_fingerprint")
-        if last_fp != vae_fp:
+    def same_v(last: dict) -> None:
+        if last.get("vae_fingerprint") != vae_fp:
             raise fail(f"{last_path} was trained on another V (vae fingerprint "
-                       f"{last_fp}, vae.pt is {vae_fp}); pass --restart "
+                       f"{last.get('vae_fingerprint')}, vae.pt is {vae_fp}); pass --restart "
                        f"to train a new M on this V")
-    last = resume_training(last_path, "mdnrnn", model, optimizer, asdict(mcfg), cfg.restart)
+
+    last = resume_training(last_path, "mdnrnn", model, optimizer, asdict(mcfg), cfg.restart, same_v)
     if last is not None:
         start_epoch, best = last["epoch"], last["best_val"]
     metrics.truncate_after(start_epoch)

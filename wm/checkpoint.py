@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -83,16 +83,21 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
 
 def resume_training(path: str | os.PathLike, kind: str, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, model_args: dict,
-                    restart: bool = False) -> dict[str, Any] | None:
+                    restart: bool = False,
+                    check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
     """Load a `*_last.pt` into `model` and `optimizer` to go on training.
 
     Returns the checkpoint, or None when there is none or `restart` is set.
-    A checkpoint of another model size is refused rather than half-loaded.
+    `check(ckpt)` may refuse it first (raise `fail(...)`), e.g. M trained on
+    another V. A checkpoint of another model size is refused rather than
+    half-loaded.
     """
     path = Path(path)
     if restart or not path.exists():
         return None
     ckpt = load_checkpoint(path, kind=kind)
+    if check is not None:
+        check(ckpt)
     if ckpt["model_args"] != model_args:
         raise fail(f"{path} was trained with {ckpt['model_args']}, this run asks for {model_args}; "
                    f"pass --restart to start over, or match its settings")
