@@ -12,11 +12,15 @@ times faster, because rendering is about 97% of a stock step:
   with numpy, using the exact arithmetic of pygame's `Vector2.rotate_rad`
   (angle normalised into [0, 2pi), exact quarter turns special-cased, then
   x*cos - y*sin and x*sin + y*cos in float64), and only the polygons that the
-  stock code would draw reach pygame, in the same order, with the same float
-  coordinates. Culled polygons were never drawn, so skipping them early
-  changes no pixel.
+  stock code would draw, and that can leave a pixel in the frame, reach
+  pygame, in the same order, with the same float coordinates. A bounding
+  circle per polygon culls most of them before their vertices are
+  transformed. Rows that the dashboard paints black after the flip count as
+  invisible.
 * The background polygon covers the whole window except near the playfield
   edge; when it provably covers every pixel, a fill gives the same pixels.
+* The two 1000x800 surfaces are reused, the vertical flip is a numpy copy,
+  and the car's vertices are transformed in one pass.
 * The score font is built once instead of every frame, and the rendered score
   text is cached by its string.
 """
