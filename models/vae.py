@@ -64,9 +64,9 @@ class ConvVAE(nn.Module):
         first = self.dec[0]
         h = (h @ first.weight.flatten(1)).view(-1, first.out_channels, *first.kernel_size)  # (B, 128, 5, 5)
         h = F.relu(h + first.bias[:, None, None])
-        for deconv in self.dec[1:-1]:
-            h = F.relu(deconv(h))
-        return torch.sigmoid(_at_least_fp32(self.dec[-1](h)))  # (B, 3, 64, 64)
+        h = F.relu(_unfused_bias(self.dec[1], h))  # (B, 64, 13, 13)
+        h = F.relu(self.dec[2](h))  # (B, 32, 30, 30)
+        return torch.sigmoid(_at_least_fp32(_unfused_bias(self.dec[3], h)))  # (B, 3, 64, 64)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, logvar = self.encode(x)
@@ -78,6 +78,14 @@ class ConvVAE(nn.Module):
         model = cls(VAEConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
         return model
+
+
+def _unfused_bias(deconv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """deconv(x) with the bias added after the transposed convolution. For the
+    second and last layers, oneDNN's kernel with a fused bias takes about twice
+    as long on CPUs, in bf16 and in fp32 alike (measured with bench.py vae).
+    Same numbers."""
+    return F.conv_transpose2d(x, deconv.weight, stride=deconv.stride) + deconv.bias[:, None, None]
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:

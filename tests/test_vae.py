@@ -39,8 +39,8 @@ def test_reparameterize_samples_the_posterior():
 
 
 def test_decode_matches_the_layers_called_in_order():
-    """decode computes the first transposed convolution as a matrix product;
-    it must give what the plain layer gives."""
+    """decode computes the first transposed convolution as a matrix product
+    and adds some biases apart; it must give what the plain layers give."""
     torch.manual_seed(0)
     vae = ConvVAE(VAEConfig()).double()
     z = torch.randn(4, 32, dtype=torch.double)
