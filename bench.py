@@ -351,7 +351,7 @@ BENCHES = {
     "dream": (bench_dream, [("--pop-size", int, 64), ("--rollouts", int, 16), ("--max-steps", int, 100),
                             ("--repeats", int, 2), ("--temperature", float, 1.0), ("--device", str, "auto"),
                             ("--seed", int, 0)]),
-    "vae": (bench_vae, [("--batch-size", int, 100), ("--steps", int, 3), ("--rounds", int, 7),
+    "vae": (bench_vae, [("--batch-size", int, 100), ("--steps", int, 3), ("--rounds", int, 21),
                         ("--threads", int, 0), ("--device", str, "auto"), ("--seed", int, 0)]),
 }
 

@@ -66,7 +66,9 @@ class ConvVAE(nn.Module):
         h = F.relu(h + first.bias[:, None, None])
         h = F.relu(_unfused_bias(self.dec[1], h))  # (B, 64, 13, 13)
         h = F.relu(self.dec[2](h))  # (B, 32, 30, 30)
-        return torch.sigmoid(_at_least_fp32(_unfused_bias(self.dec[3], h)))  # (B, 3, 64, 64)
+        last = self.dec[3]
+        h = _SubpixelDeconv.apply(h, last.weight.to(h.dtype), last.bias.to(h.dtype))  # (B, 3, 64, 64)
+        return torch.sigmoid(_at_least_fp32(h))  # (B, 3, 64, 64)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, logvar = self.encode(x)
@@ -81,11 +83,38 @@ class ConvVAE(nn.Module):
 
 
 def _unfused_bias(deconv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
-    """deconv(x) with the bias added after the transposed convolution. For the
-    second and last layers, oneDNN's kernel with a fused bias takes about twice
-    as long on CPUs, in bf16 and in fp32 alike (measured with bench.py vae).
-    Same numbers."""
+    """deconv(x) with the bias added after the transposed convolution: for the
+    second layer, oneDNN's kernel with a fused bias takes about twice as long
+    on CPUs, in bf16 and in fp32 alike. Same numbers."""
     return F.conv_transpose2d(x, deconv.weight, stride=deconv.stride) + deconv.bias[:, None, None]
+
+
+class _SubpixelDeconv(torch.autograd.Function):
+    """A stride-2 transposed convolution with an even kernel, whose forward
+    pass is an ordinary convolution followed by a pixel shuffle.
+
+    Output pixel (2m + r, 2n + s) sees only the kernel taps of parity (r, s),
+    so each of the four phases is a plain convolution with those taps flipped.
+    For the last layer (3 output channels) oneDNN's transposed kernel is slow
+    in the forward pass and fast in the backward one; this keeps the best of
+    each. Same weights, same numbers."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        cin, cout, k, _ = weight.shape
+        h = k // 2
+        taps = (weight.view(cin, cout, h, 2, h, 2).flip(2, 4)  # [c, o, j, r, j', s]
+                .permute(1, 3, 5, 0, 2, 4).reshape(cout * 4, cin, h, h))  # [(o, r, s), c, t, u]
+        y = F.pixel_shuffle(F.conv2d(F.pad(x, (h - 1,) * 4), taps), 2)
+        return y + bias[:, None, None]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = F.conv2d(grad, weight, stride=2)
+        grad_w = torch.nn.grad.conv2d_weight(grad, weight.shape, x, stride=2)
+        return grad_x, grad_w, grad.sum((0, 2, 3))
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,10 @@ def test_reparameterize_samples_the_posterior():
 
 
 def test_decode_matches_the_layers_called_in_order():
-    """decode computes the first transposed convolution as a matrix product
-    and adds some biases apart; it must give what the plain layers give."""
+    """decode computes the first transposed convolution as a matrix product,
+    adds some biases apart and runs the last layer's forward pass as a
+    convolution and a pixel shuffle; values and gradients must be what the
+    plain layers give."""
     torch.manual_seed(0)
     vae = ConvVAE(VAEConfig()).double()
     z = torch.randn(4, 32, dtype=torch.double)
@@ -48,7 +50,16 @@ def test_decode_matches_the_layers_called_in_order():
     for i, deconv in enumerate(vae.dec):
         h = deconv(h)
         h = torch.sigmoid(h) if i == len(vae.dec) - 1 else F.relu(h)
-    torch.testing.assert_close(vae.decode(z), h)
+    weights = torch.randn_like(h)
+    expected = torch.autograd.grad((h * weights).sum(), list(vae.parameters()), allow_unused=True)
+    got = vae.decode(z)
+    torch.testing.assert_close(got, h)
+    grads = torch.autograd.grad((got * weights).sum(), list(vae.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(vae.named_parameters(), grads, expected):
+        if b is None:  # the encoder's
+            assert a is None, name
+        else:
+            torch.testing.assert_close(a, b, msg=name)
 
 
 def test_loss_against_a_reference():
