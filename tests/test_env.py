@@ -60,6 +60,20 @@ def test_pixel_identical_under_a_random_walk():
     assert seen["steps"] == 300
 
 
+def test_pixel_identical_when_a_bar_grows_above_the_dashboard():
+    """A wheel spinning fast enough draws its bar above the dashboard, into
+    the road rows; the fast route must notice and give the stock pixels."""
+    stock, fast = make_env(fast=False), make_env(fast=True)
+    for env in (stock, fast):
+        env.reset(seed=3)
+        for _ in range(60):
+            env.step(np.array([0.0, 1.0, 0.0], dtype=np.float32))
+        env.unwrapped.car.wheels[2].omega = 600.0  # a bar of 1 + 6 units: 140 px, the dashboard is 100
+    assert fast.unwrapped._bars_leave_dashboard()
+    a, b = stock.unwrapped._render("state_pixels"), fast.unwrapped._render("state_pixels")
+    assert np.array_equal(a, b)
+
+
 def test_rotation_matches_pygame_including_quarter_turns():
     rng = np.random.default_rng(0)
     angles = list(rng.uniform(-30, 30, 300))

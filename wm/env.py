@@ -19,8 +19,14 @@ times faster, because rendering is about 97% of a stock step:
   invisible.
 * The background polygon covers the whole window except near the playfield
   edge; when it provably covers every pixel, a fill gives the same pixels.
-* The two 1000x800 surfaces are reused, the vertical flip is a numpy copy,
-  and the car's vertices are transformed in one pass.
+* Observations skip the full-size vertical flip. pygame's smoothscale
+  shrinks along x first, row by row, then along y, so the road is shrunk to
+  96 columns first, flipped there, and the dashboard (drawn apart) is shrunk
+  into the rows below it; the y pass then gives the stock pixels. Windows and
+  videos, and the rare frame whose speed or wheel bar grows above the
+  dashboard into the road, take the stock route: a full flip (a numpy copy
+  into a reused surface).
+* The surfaces are reused, and the car's vertices are transformed in one pass.
 * The score font is built once instead of every frame, and the rendered score
   text is cached by its string.
 """
@@ -88,9 +94,14 @@ class FastCarRacing(CarRacing):
         self._text_cache: dict[str, pygame.Surface] = {}
         self._road_key = None
         self._polys = None
-        # Reused every frame instead of allocating two 1000x800 surfaces.
+        self._car_key = None
+        # Reused every frame instead of allocating new surfaces.
         self._canvas = pygame.Surface((cr.WINDOW_W, cr.WINDOW_H))
         self._flipped = pygame.Surface((cr.WINDOW_W, cr.WINDOW_H))
+        road_rows = cr.WINDOW_H - _DASHBOARD_ROWS
+        self._road_x = pygame.Surface((cr.STATE_W, road_rows))  # the road, x pass, unflipped
+        self._tall = pygame.Surface((cr.STATE_W, cr.WINDOW_H))  # x pass of the whole window
+        self._dash_x = self._tall.subsurface((0, road_rows, cr.STATE_W, _DASHBOARD_ROWS))
 
     def _polygons(self) -> np.ndarray:
         """The playfield, the 400 grass patches and every road and border
@@ -105,8 +116,10 @@ class FastCarRacing(CarRacing):
             road = np.array([poly for poly, _ in self.road_poly], dtype=np.float64).reshape(-1, 4, 2)
             self._polys = np.concatenate([field, self._GRASS, road])
             # A circle around each polygon, for a cheap first cull.
-            self._centers = self._polys.mean(axis=1)  # (P, 2)
-            self._radii = np.linalg.norm(self._polys - self._centers[:, None], axis=-1).max(axis=1)
+            centers = self._polys.mean(axis=1)  # (P, 2)
+            self._radii = np.linalg.norm(self._polys - centers[:, None], axis=-1).max(axis=1)
+            # The playfield's corners, then the other centres: one transform a frame.
+            self._cull_points = np.concatenate([field[0], centers[1:]])  # (4 + P - 1, 2)
         return self._polys
 
     @staticmethod
@@ -144,12 +157,12 @@ class FastCarRacing(CarRacing):
         gfxdraw.aapolygon(self.surf, poly, color)
         gfxdraw.filled_polygon(self.surf, poly, color)
 
-    def _near_window(self, zoom, translation, angle) -> np.ndarray:
-        """Indices of the polygons (playfield excluded) whose bounding circle
-        comes within a few pixels of the drawn part of the window: a cheap,
-        generous first cull, so that only these few dozen polygons have their
-        vertices transformed and go through the exact tests of `_visible`."""
-        c = self._screen_xy(self._centers[1:], zoom, translation, angle)  # (P - 1, 2)
+    def _near_window(self, c: np.ndarray, zoom) -> np.ndarray:
+        """Indices of the polygons (playfield excluded) whose bounding circle,
+        centred at window point c, comes within a few pixels of the drawn part
+        of the window: a cheap, generous first cull, so that only these few
+        dozen polygons have their vertices transformed and go through the
+        exact tests of `_visible`."""
         r = self._radii[1:] * zoom + 4.0  # + 4 px: rounding, and the 2 px of `_visible`
         near = ((c[:, 0] + r >= 0) & (c[:, 0] - r <= cr.WINDOW_W)
                 & (c[:, 1] + r >= _DASHBOARD_ROWS) & (c[:, 1] - r <= cr.WINDOW_H))
@@ -157,14 +170,15 @@ class FastCarRacing(CarRacing):
 
     def _render_road(self, zoom, translation, angle):
         polys = self._polygons()
-        field = self._screen_xy(polys[0], zoom, translation, angle)
-        if _covers_window(field):
+        points = self._screen_xy(self._cull_points, zoom, translation, angle)
+        field = points[:4]  # the same arithmetic, point by point, as the polygon alone
+        if _covers_window(field.tolist()):
             # Every pixel is inside the playfield; its anti-aliased edge is off the window.
             self.surf.fill(self.bg_color)
         else:
             self.surf.fill((0, 0, 0))  # a new stock surface starts black
             self._draw(field, self.bg_color)  # never culled in the stock code
-        near = self._near_window(zoom, translation, angle)
+        near = self._near_window(points[4:], zoom)
         xy = self._screen_xy(polys[near], zoom, translation, angle)  # same arithmetic per vertex
         first_road = 1 + len(self._GRASS)
         for j in self._visible(xy):
@@ -201,13 +215,10 @@ class FastCarRacing(CarRacing):
             self._draw_car(zoom, trans, angle)
         else:  # windows and videos also draw the tyre particles
             self.car.draw(self.surf, zoom, trans, angle, True)
+        if mode == "state_pixels" and not self._bars_leave_dashboard():
+            return self._state_pixels()
         self.surf = self._flip(self._canvas)
-        self._render_indicators(cr.WINDOW_W, cr.WINDOW_H)
-
-        text = self._score_text(f"{self.reward:04.0f}")
-        text_rect = text.get_rect()
-        text_rect.center = (60, cr.WINDOW_H - cr.WINDOW_H * 2.5 / 40.0)
-        self.surf.blit(text, text_rect)
+        self._draw_dashboard()
 
         if mode == "human":
             pygame.event.pump()
@@ -225,34 +236,87 @@ class FastCarRacing(CarRacing):
 
     def _draw_car(self, zoom, translation, angle) -> None:
         """`Car.draw` without particles, as for observations, with every vertex
-        rotated and scaled in one numpy pass instead of one Vector2 at a time.
+        moved to the world and then to the window in numpy passes instead of
+        one Box2D and one Vector2 call at a time. Box2D's b2Mul works in
+        float32, and so does the first pass, in the same order of operations.
         The polygons, their order and colours are the stock ones."""
-        shapes = []  # (world vertices, colour), in the stock drawing order
-        for obj in self.car.drawlist:
-            color = [int(c * 255) for c in obj.color]
-            for f in obj.fixtures:
-                trans = f.body.transform
-                shapes.append(([tuple(trans * v) for v in f.shape.vertices], color))
-                if "phase" not in obj.__dict__:
-                    continue
-                a1, a2 = obj.phase, obj.phase + 1.2  # the stock wheel stripe
-                s1, s2, c1, c2 = math.sin(a1), math.sin(a2), math.cos(a1), math.cos(a2)
-                if s1 > 0 and s2 > 0:
-                    continue
-                if s1 > 0:
-                    c1 = np.sign(c1)
-                if s2 > 0:
-                    c2 = np.sign(c2)
-                w, r, size = cd.WHEEL_W, cd.WHEEL_R, cd.SIZE
-                stripe = [(-w * size, +r * c1 * size), (+w * size, +r * c1 * size),
-                          (+w * size, +r * c2 * size), (-w * size, +r * c2 * size)]
-                shapes.append(([tuple(trans * v) for v in stripe], cd.WHEEL_WHITE))
-        points = np.array([p for vertices, _ in shapes for p in vertices], dtype=np.float64)
-        xy = self._screen_xy(points, zoom, translation, angle).tolist()
+        if self._car_key is not self.car:  # a new car: its shapes and colours, once
+            self._car_key = self.car
+            self._car_parts = [(b, [tuple(v) for v in f.shape.vertices], [int(c * 255) for c in obj.color])
+                               for b, obj in enumerate(self.car.drawlist) for f in obj.fixtures]
+        bodies = self.car.drawlist
+        local, owner, shapes = [], [], []  # vertices in their body's frame, its index, (count, colour)
+        for b, vertices, color in self._car_parts:
+            local += vertices
+            owner += [b] * len(vertices)
+            shapes.append((len(vertices), color))
+            stripe = self._wheel_stripe(bodies[b])
+            if stripe is not None:
+                local += stripe
+                owner += [b] * 4
+                shapes.append((4, cd.WHEEL_WHITE))
+        pose = np.array([(t.q.c, t.q.s, t.position[0], t.position[1]) for t in (o.transform for o in bodies)],
+                        dtype=np.float32)[owner]  # (V, 4)
+        c, s, px, py = pose.T
+        v = np.array(local, dtype=np.float32)  # (V, 2)
+        world = np.stack([(c * v[:, 0] - s * v[:, 1]) + px, (s * v[:, 0] + c * v[:, 1]) + py], axis=-1)
+        xy = self._screen_xy(world.astype(np.float64), zoom, translation, angle).tolist()
         start = 0
-        for vertices, color in shapes:
-            pygame.draw.polygon(self.surf, color=color, points=xy[start:start + len(vertices)])
-            start += len(vertices)
+        for n, color in shapes:
+            pygame.draw.polygon(self.surf, color=color, points=xy[start:start + n])
+            start += n
+
+    @staticmethod
+    def _wheel_stripe(obj):
+        """The white stripe the stock code draws on a turning wheel, in the
+        wheel's frame, or None (also for the hull)."""
+        if "phase" not in obj.__dict__:
+            return None
+        a1, a2 = obj.phase, obj.phase + 1.2
+        s1, s2, c1, c2 = math.sin(a1), math.sin(a2), math.cos(a1), math.cos(a2)
+        if s1 > 0 and s2 > 0:
+            return None
+        if s1 > 0:
+            c1 = np.sign(c1)
+        if s2 > 0:
+            c2 = np.sign(c2)
+        w, r, size = cd.WHEEL_W, cd.WHEEL_R, cd.SIZE
+        return [(-w * size, +r * c1 * size), (+w * size, +r * c1 * size),
+                (+w * size, +r * c2 * size), (-w * size, +r * c2 * size)]
+
+    def _draw_dashboard(self) -> None:
+        """The stock dashboard and score, drawn on self.surf (rows 700-799)."""
+        self._render_indicators(cr.WINDOW_W, cr.WINDOW_H)
+        text = self._score_text(f"{self.reward:04.0f}")
+        text_rect = text.get_rect()
+        text_rect.center = (60, cr.WINDOW_H - cr.WINDOW_H * 2.5 / 40.0)
+        self.surf.blit(text, text_rect)
+
+    def _bars_leave_dashboard(self) -> bool:
+        """True when the speed bar or a wheel's bar reaches above the dashboard
+        (a value over 4 bar units, about 3.9 with a margin for rounding)."""
+        v = self.car.hull.linearVelocity
+        speed = math.sqrt(v[0] * v[0] + v[1] * v[1])
+        return max(0.02 * speed, *(0.01 * w.omega for w in self.car.wheels)) > 3.9
+
+    def _state_pixels(self) -> np.ndarray:
+        """The 96x96 observation, with the stock pixels, without flipping the
+        1000x800 window: pygame's smoothscale does an x pass on each row and
+        then a y pass, and rows are independent in the x pass. So the road
+        rows are shrunk along x, then flipped on 96 columns; the dashboard is
+        drawn apart and shrunk along x into the rows below; the y pass then
+        sees what the stock smoothscale's y pass sees."""
+        road_rows = cr.WINDOW_H - _DASHBOARD_ROWS
+        road = self._canvas.subsurface((0, _DASHBOARD_ROWS, cr.WINDOW_W, road_rows))
+        pygame.transform.smoothscale(road, (cr.STATE_W, road_rows), self._road_x)
+        self.surf = self._flipped  # only its dashboard rows are drawn and read here
+        self._draw_dashboard()
+        dash = self._flipped.subsurface((0, road_rows, cr.WINDOW_W, _DASHBOARD_ROWS))
+        pygame.transform.smoothscale(dash, (cr.STATE_W, _DASHBOARD_ROWS), self._dash_x)
+        tall = pygame.surfarray.pixels2d(self._tall)
+        tall[:, :road_rows] = pygame.surfarray.pixels2d(self._road_x)[:, ::-1]
+        del tall  # unlock the surface
+        return self._create_image_array(self._tall, (cr.STATE_W, cr.STATE_H))
 
     def _flip(self, src: pygame.Surface) -> pygame.Surface:
         """pygame.transform.flip(src, False, True), into the reused surface."""
@@ -274,17 +338,21 @@ class FastCarRacing(CarRacing):
         return text
 
 
-def _covers_window(quad: np.ndarray) -> bool:
-    """True when the convex quad (4, 2) contains the window grown by 4
-    pixels on every side (so integer rounding of its edges cannot matter)."""
-    edges = np.roll(quad, -1, axis=0) - quad  # (4, 2)
-    rel = _WINDOW_CORNERS[:, None, :] - quad[None, :, :]  # (corner, edge, 2)
-    cross = edges[None, :, 0] * rel[..., 1] - edges[None, :, 1] * rel[..., 0]
-    return bool((cross > 0).all() or (cross < 0).all())
+def _covers_window(quad: list) -> bool:
+    """True when the convex quad [[x, y]] * 4 contains the window grown by 4
+    pixels on every side (so integer rounding of its edges cannot matter):
+    every corner of it lies on the same side of all four edges."""
+    sides = set()
+    for (x0, y0), (x1, y1) in zip(quad, quad[1:] + quad[:1]):
+        ex, ey = x1 - x0, y1 - y0
+        for cx, cy in _WINDOW_CORNERS:
+            cross = ex * (cy - y0) - ey * (cx - x0)
+            sides.add(cross > 0 if cross else None)
+    return len(sides) == 1 and None not in sides
 
 
-_WINDOW_CORNERS = np.array([(-4.0, -4.0), (cr.WINDOW_W + 4.0, -4.0),
-                            (cr.WINDOW_W + 4.0, cr.WINDOW_H + 4.0), (-4.0, cr.WINDOW_H + 4.0)])
+_WINDOW_CORNERS = [(-4.0, -4.0), (cr.WINDOW_W + 4.0, -4.0),
+                   (cr.WINDOW_W + 4.0, cr.WINDOW_H + 4.0), (-4.0, cr.WINDOW_H + 4.0)]
 
 
 gym.register(id=FAST_ENV_ID, entry_point=FastCarRacing, max_episode_steps=MAX_EPISODE_STEPS,
