@@ -180,14 +180,14 @@ class FastCarRacing(CarRacing):
             self._draw(field, self.bg_color)  # never culled in the stock code
         near = self._near_window(points[4:], zoom)
         xy = self._screen_xy(polys[near], zoom, translation, angle)  # same arithmetic per vertex
+        visible = self._visible(xy)
         first_road = 1 + len(self._GRASS)
-        for j in self._visible(xy):
-            i = near[j]
-            if i < first_road:
-                self._draw(xy[j], self.grass_color)
-            else:
-                color = [int(c) for c in self.road_poly[i - first_road][1]]
-                self._draw(xy[j], color)
+        grass = [int(c) for c in self.grass_color]
+        for i, poly in zip(near[visible].tolist(), xy[visible].tolist()):
+            # Road colours are read every frame: a visited tile's changes in place.
+            color = grass if i < first_road else [int(c) for c in self.road_poly[i - first_road][1]]
+            gfxdraw.aapolygon(self.surf, poly, color)
+            gfxdraw.filled_polygon(self.surf, poly, color)
 
     def _render(self, mode: str):
         # The stock _render, with the score font built once and its text cached.
