@@ -265,11 +265,12 @@ def bench_vae(args) -> dict:
 
     The baseline is the textbook step: the layers called in order, fp32, Adam
     as it comes. The fast step is train_vae.train_step (bf16 autocast where the
-    hardware has it, the first transposed convolution as one matrix product,
-    fused Adam); `fast_fp32_img_per_s` is that step with bf16 off. The variants
-    alternate in rounds of --steps steps, so all see the same machine load, and
-    each rate is that of its median round: on a shared machine a step now and
-    then stalls for seconds, and one stall would otherwise decide the ratio."""
+    hardware has it, ConvVAE.decode's faster forms of the transposed
+    convolutions, fused Adam); `fast_fp32_img_per_s` is that step with bf16
+    off. The variants alternate in rounds of --steps steps, so all see the
+    same machine load, and each rate is that of its median round: on a shared
+    machine a step now and then stalls for seconds, and one stall would
+    otherwise decide the ratio."""
     import torch
     import torch.nn.functional as F
 
