@@ -44,9 +44,18 @@ class ConvVAE(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, 64, 64) frames in [0, 1] -> mu, logvar, each (B, Z)."""
         h = x
-        for conv in self.enc:
-            h = F.relu(conv(h))
-        h = h.flatten(1)  # (B, 1024)
+        for conv in self.enc[:-1]:
+            h = F.relu(conv(h))  # (B, 128, 6, 6) after the third
+        # The last convolution sees 6x6 pixels and gives 2x2: its four input
+        # patches go through one matrix product, which CPUs run several times
+        # faster than oneDNN's weight gradient for this shape. Same numbers.
+        last = self.enc[-1]
+        k, s = last.kernel_size[0], last.stride[0]
+        n = (h.shape[-1] - k) // s + 1  # 2
+        patches = torch.stack([h[..., i * s:i * s + k, j * s:j * s + k]
+                               for i in range(n) for j in range(n)], dim=1)  # (B, 4, 128, 4, 4)
+        h = F.relu(patches.flatten(2) @ last.weight.flatten(1).t() + last.bias)  # (B, 4, 256)
+        h = h.transpose(1, 2).flatten(1)  # (B, 1024), ordered as the layer's (channel, row, column)
         # float32 even under bf16 autocast: z and the KL need the precision.
         return _at_least_fp32(self.fc_mu(h)), _at_least_fp32(self.fc_logvar(h))  # (B, Z) each
 

@@ -38,6 +38,28 @@ def test_reparameterize_samples_the_posterior():
     torch.testing.assert_close(z.std(0), torch.tensor([0.5, 2.0]), atol=0.05, rtol=0)
 
 
+def test_encode_matches_the_layers_called_in_order():
+    """encode computes the last convolution as a matrix product over its
+    input patches; values and gradients must be what the plain layers give."""
+    torch.manual_seed(0)
+    vae = ConvVAE(VAEConfig()).double()
+    x = torch.rand(3, 3, 64, 64, dtype=torch.double)
+    h = x
+    for conv in vae.enc:
+        h = F.relu(conv(h))
+    h = h.flatten(1)
+    expected = (vae.fc_mu(h), vae.fc_logvar(h))
+    got = vae.encode(x)
+    weights = [torch.randn_like(t) for t in expected]
+    params = [p for name, p in vae.named_parameters() if not name.startswith(("dec", "fc_dec"))]
+    grads = [torch.autograd.grad(sum((t * w).sum() for t, w in zip(out, weights)), params)
+             for out in (got, expected)]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_decode_matches_the_layers_called_in_order():
     """decode computes the first transposed convolution as a matrix product,
     adds some biases apart and runs the last layer's forward pass as a
