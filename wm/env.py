@@ -53,6 +53,7 @@ _VECTOR_EPSILON = 1e-6  # pygame's default Vector2.epsilon
 # _render_indicators paints window rows 700-799 black after the flip, i.e.
 # rows 0-99 of the unflipped road drawing.
 _DASHBOARD_ROWS = round(5 * cr.WINDOW_H / 40.0)
+_ROAD_ROWS = cr.WINDOW_H - _DASHBOARD_ROWS  # the window rows that show the road
 
 
 def rotate_like_pygame(points: np.ndarray, angle: float) -> np.ndarray:
@@ -98,10 +99,9 @@ class FastCarRacing(CarRacing):
         # Reused every frame instead of allocating new surfaces.
         self._canvas = pygame.Surface((cr.WINDOW_W, cr.WINDOW_H))
         self._flipped = pygame.Surface((cr.WINDOW_W, cr.WINDOW_H))
-        road_rows = cr.WINDOW_H - _DASHBOARD_ROWS
-        self._road_x = pygame.Surface((cr.STATE_W, road_rows))  # the road, x pass, unflipped
+        self._road_x = pygame.Surface((cr.STATE_W, _ROAD_ROWS))  # the road, x pass, unflipped
         self._tall = pygame.Surface((cr.STATE_W, cr.WINDOW_H))  # x pass of the whole window
-        self._dash_x = self._tall.subsurface((0, road_rows, cr.STATE_W, _DASHBOARD_ROWS))
+        self._dash_x = self._tall.subsurface((0, _ROAD_ROWS, cr.STATE_W, _DASHBOARD_ROWS))
 
     def _polygons(self) -> np.ndarray:
         """The playfield, the 400 grass patches and every road and border
@@ -152,8 +152,8 @@ class FastCarRacing(CarRacing):
         stock = ((-m <= xs) & (xs <= cr.WINDOW_W + m) & (-m <= ys) & (ys <= cr.WINDOW_H + m)).any(axis=-1)
         return idx[stock]
 
-    def _draw(self, poly_xy: np.ndarray, color) -> None:
-        poly = poly_xy.tolist()
+    def _draw(self, poly: list, color) -> None:
+        """The stock polygon: anti-aliased outline, then fill."""
         gfxdraw.aapolygon(self.surf, poly, color)
         gfxdraw.filled_polygon(self.surf, poly, color)
 
@@ -171,8 +171,8 @@ class FastCarRacing(CarRacing):
     def _render_road(self, zoom, translation, angle):
         polys = self._polygons()
         points = self._screen_xy(self._cull_points, zoom, translation, angle)
-        field = points[:4]  # the same arithmetic, point by point, as the polygon alone
-        if _covers_window(field.tolist()):
+        field = points[:4].tolist()  # the same arithmetic, point by point, as the polygon alone
+        if _covers_window(field):
             # Every pixel is inside the playfield; its anti-aliased edge is off the window.
             self.surf.fill(self.bg_color)
         else:
@@ -186,8 +186,7 @@ class FastCarRacing(CarRacing):
         for i, poly in zip(near[visible].tolist(), xy[visible].tolist()):
             # Road colours are read every frame: a visited tile's changes in place.
             color = grass if i < first_road else [int(c) for c in self.road_poly[i - first_road][1]]
-            gfxdraw.aapolygon(self.surf, poly, color)
-            gfxdraw.filled_polygon(self.surf, poly, color)
+            self._draw(poly, color)
 
     def _render(self, mode: str):
         # The stock _render, with the score font built once and its text cached.
@@ -306,15 +305,14 @@ class FastCarRacing(CarRacing):
         rows are shrunk along x, then flipped on 96 columns; the dashboard is
         drawn apart and shrunk along x into the rows below; the y pass then
         sees what the stock smoothscale's y pass sees."""
-        road_rows = cr.WINDOW_H - _DASHBOARD_ROWS
-        road = self._canvas.subsurface((0, _DASHBOARD_ROWS, cr.WINDOW_W, road_rows))
-        pygame.transform.smoothscale(road, (cr.STATE_W, road_rows), self._road_x)
+        road = self._canvas.subsurface((0, _DASHBOARD_ROWS, cr.WINDOW_W, _ROAD_ROWS))
+        pygame.transform.smoothscale(road, (cr.STATE_W, _ROAD_ROWS), self._road_x)
         self.surf = self._flipped  # only its dashboard rows are drawn and read here
         self._draw_dashboard()
-        dash = self._flipped.subsurface((0, road_rows, cr.WINDOW_W, _DASHBOARD_ROWS))
+        dash = self._flipped.subsurface((0, _ROAD_ROWS, cr.WINDOW_W, _DASHBOARD_ROWS))
         pygame.transform.smoothscale(dash, (cr.STATE_W, _DASHBOARD_ROWS), self._dash_x)
         tall = pygame.surfarray.pixels2d(self._tall)
-        tall[:, :road_rows] = pygame.surfarray.pixels2d(self._road_x)[:, ::-1]
+        tall[:, :_ROAD_ROWS] = pygame.surfarray.pixels2d(self._road_x)[:, ::-1]
         del tall  # unlock the surface
         return self._create_image_array(self._tall, (cr.STATE_W, cr.STATE_H))
 
@@ -322,8 +320,7 @@ class FastCarRacing(CarRacing):
         """pygame.transform.flip(src, False, True), into the reused surface."""
         dst = pygame.surfarray.pixels2d(self._flipped)
         # Rows that land in the dashboard are painted black next: skip them.
-        keep = cr.WINDOW_H - _DASHBOARD_ROWS
-        dst[:, :keep] = pygame.surfarray.pixels2d(src)[:, :_DASHBOARD_ROWS - 1:-1]
+        dst[:, :_ROAD_ROWS] = pygame.surfarray.pixels2d(src)[:, :_DASHBOARD_ROWS - 1:-1]
         del dst  # unlock the surface
         return self._flipped
 
