@@ -56,6 +56,7 @@ class Config:
     workers: int = os.cpu_count() or 1  # worker processes, each with its own environments
     batch_size: int = 16  # episodes a worker drives at once in lockstep, V, M and C batched over them
     max_steps: int = 1000  # time limit of an episode, in steps (the paper: 1000)
+    patience: int = 0  # real mode: a training episode ends after this many steps without a positive reward, charged -0.1 a step left (0: never, the paper; held-out never)
     eval_every: int = 10  # score the CMA-ES mean on held-out tracks every this many generations (the paper: 25)
     eval_episodes: int = 16  # held-out tracks (the paper: 1024)
     seed: int = 0  # seeds CMA-ES and the choice of training tracks
@@ -89,21 +90,22 @@ class RealFitness:
     source (a dream in M) can take this one's place in `main`.
     """
 
-    def __init__(self, pool: WorkerPool, batch_size: int):
-        self.pool, self.batch_size = pool, batch_size
+    def __init__(self, pool: WorkerPool, batch_size: int, patience: int = 0):
+        self.pool, self.batch_size, self.patience = pool, batch_size, patience
 
     def __call__(self, solutions: list[np.ndarray], seeds: list[int]) -> tuple[np.ndarray, int]:
         """-> (mean reward per member (P,), environment steps taken)."""
         # Member-major, so that a worker's batch is one member's rollouts, or several members'.
         tasks = [(x, s) for x in solutions for s in seeds]
-        results = run_in_pool(self.pool, tasks, self.batch_size, "rollouts")
+        results = run_in_pool(self.pool, tasks, self.batch_size, "rollouts", self.patience)
         rewards = np.array([r for r, _ in results]).reshape(len(solutions), len(seeds))
         return rewards.mean(1), sum(n for _, n in results)
 
 
-def run_in_pool(pool: WorkerPool, tasks: list[tuple], batch_size: int, what: str) -> list[tuple[float, int]]:
+def run_in_pool(pool: WorkerPool, tasks: list[tuple], batch_size: int, what: str,
+                patience: int = 0) -> list[tuple[float, int]]:
     with tqdm(total=len(tasks), desc=what, leave=False, unit="ep") as bar:
-        return map_episodes(pool, tasks, batch_size, on_result=lambda i, r: bar.update())
+        return map_episodes(pool, tasks, batch_size, on_result=lambda i, r: bar.update(), patience=patience)
 
 
 def check_config(cfg: Config) -> None:
@@ -115,6 +117,8 @@ def check_config(cfg: Config) -> None:
                  "eval_episodes"):
         if getattr(cfg, name) < 1:
             raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.patience < 0:
+        raise fail(f"--patience must be 0 (off) or a number of steps, got {cfg.patience}")
     if not cfg.sigma0 > 0:
         raise fail(f"--sigma0 must be positive, got {cfg.sigma0}")
     if cfg.mode not in ("real", "dream"):
@@ -200,7 +204,7 @@ def main(cfg: Config) -> dict:
     held_out_seeds = [HELD_OUT_SEED + i for i in range(cfg.eval_episodes)]
     try:
         with WorkerPool(cfg.workers, EpisodeRunner, spec) as pool:
-            fitness = dream if cfg.mode == "dream" else RealFitness(pool, cfg.batch_size)
+            fitness = dream if cfg.mode == "dream" else RealFitness(pool, cfg.batch_size, cfg.patience)
             for gen in range(start, cfg.generations):
                 t0 = time.time()
                 solutions = es.ask()
@@ -209,10 +213,12 @@ def main(cfg: Config) -> dict:
                 row = {"generation": gen + 1, "mean": rewards.mean(), "best": rewards.max(),
                        "worst": rewards.min(), "sigma": es.sigma,
                        "steps_per_s": steps / (time.time() - t0)}
+                frames = steps if cfg.mode == "real" else 0  # real frames: a dreamed step costs none
                 if (gen + 1) % cfg.eval_every == 0 or gen + 1 == cfg.generations:
                     mean_x = es.result.xfavorite  # the distribution's mean
-                    scores = [r for r, _ in run_in_pool(pool, [(mean_x, s) for s in held_out_seeds],
-                                                        cfg.batch_size, "held-out")]
+                    held = run_in_pool(pool, [(mean_x, s) for s in held_out_seeds], cfg.batch_size, "held-out")
+                    scores = [r for r, _ in held]
+                    frames += sum(n for _, n in held)
                     row["held_out"] = float(np.mean(scores))
                     if row["held_out"] > state["best_held_out"]:
                         state["best_held_out"] = row["held_out"]
@@ -227,6 +233,8 @@ def main(cfg: Config) -> dict:
                                              ckpt_dir / "controller_dream_strip.png", HELD_OUT_SEED,
                                              cfg.temperature, cfg.max_steps)
                 row["seconds"] = time.time() - t0
+                state["frames"] = state.get("frames", 0) + frames  # held-out frames included
+                row["frames"] = state["frames"]
                 state.update(generation=gen + 1, np_random=np.random.get_state())
                 save_es_state(es_path, state)
                 metrics.append(row)

@@ -138,6 +138,58 @@ def test_a_batch_of_episodes_scores_exactly_as_each_one_alone(tmp_path, features
     assert batched == alone
     assert max(score for score, _ in batched) > 0  # some car touched new tiles: scores say something
     assert len({round(score, 3) for score, _ in batched}) > 2
+class ScriptedRewards:
+    """A stand-in environment that pays `rewards[t]` at step t (then -0.1), so
+    that the early stop's arithmetic can be checked by hand."""
+
+    def __init__(self, rewards, max_steps=100):
+        self.rewards, self.max_steps = rewards, max_steps
+
+    def reset(self, seed=None):
+        self.t = 0
+        return np.zeros((96, 96, 3), np.uint8), {}
+
+    def step(self, action):
+        r = self.rewards[self.t] if self.t < len(self.rewards) else -0.1
+        self.t += 1
+        return np.zeros((96, 96, 3), np.uint8), r, False, self.t >= self.max_steps, {}
+
+
+def test_early_stop_ends_idle_episodes_and_charges_the_steps_left():
+    from wm.agent import RandomAgent
+
+    # Episode 0 finds tiles for 5 steps then nothing; episode 1 finds one at its 15th step.
+    pay0 = [3.0] * 5
+    pay1 = [-0.1] * 14 + [3.0]
+    envs = [ScriptedRewards(pay0), ScriptedRewards(pay1)]
+    (r0, n0), (r1, n1) = run_episodes(envs, RandomAgent(), [0, 1], patience=20, max_steps=100)
+    assert n0 == 25 and r0 == pytest.approx(15.0 - 0.1 * 20 - 0.1 * 75)
+    assert n1 == 35 and r1 == pytest.approx(3.0 - 0.1 * 14 - 0.1 * 20 - 0.1 * 65)
+    # Without patience the same episodes run to the time limit, and a stopped
+    # episode scores what it would have scored had it found no tile after the stop.
+    full = run_episodes([ScriptedRewards(pay0), ScriptedRewards(pay1)], RandomAgent(), [0, 1])
+    assert [n for _, n in full] == [100, 100]
+    assert [r for r, _ in full] == pytest.approx([r0, r1])
+
+
+def test_early_stop_flag_saves_frames_in_training_only(tmp_path):
+    write_tiny_world_model(tmp_path)
+    common = dict(pop_size=4, rollouts_per_member=2, generations=1, max_steps=60, workers=1,
+                  eval_episodes=2)
+    for patience, folder in ((0, tmp_path), (5, tmp_path / "early")):
+        if patience:
+            write_tiny_world_model(folder)
+        train_controller.main(Config(ckpt_dir=str(folder), patience=patience, **common))
+    rows = [(folder / "controller_metrics.csv").read_text().splitlines() for folder in (tmp_path, tmp_path / "early")]
+    frames = [int(float(r[1].split(",")[r[0].split(",").index("frames")])) for r in rows]
+    # Without the stop every episode runs its 60 steps: 4 x 2 training and 2 held-out.
+    assert frames[0] == 10 * 60
+    # With it the training episodes stop, but the held-out ones still run all 60 steps.
+    assert 2 * 60 <= frames[1] < frames[0]
+    with pytest.raises(UsageError, match="--patience must be 0"):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), patience=-1))
+
+
 # --- the worker pool ------------------------------------------------------------
 
 def test_pool_returns_results_in_task_order_as_one_process_would():

@@ -115,13 +115,19 @@ class RandomAgent:
 
 
 def run_episodes(envs: Sequence, agent, seeds: Sequence[int], params: np.ndarray | None = None,
-                 on_step: Callable[[list, object, list], None] | None = None) -> list[tuple[float, int]]:
+                 on_step: Callable[[list, object, list], None] | None = None,
+                 patience: int = 0, max_steps: int = 1000) -> list[tuple[float, int]]:
     """Drive K = len(seeds) episodes in lockstep, episode i on the track of
     seeds[i] in envs[i] with C weights params[i] (or C's own when None), each
     until it ends or its env's time limit; returns [(total reward, steps)]
     per episode. An episode that ends leaves the batch, the others go on.
     `on_step(frames, agent, scores)` sees the running episodes' frames and
-    scores after their actions are chosen, before they are taken (videos)."""
+    scores after their actions are chosen, before they are taken (videos).
+
+    `patience` > 0 (training only) ends an episode after that many steps in a
+    row without a positive reward, and charges it the game's -0.1 for each of
+    the steps left up to `max_steps`, so its total stays on the game's scale
+    (a car that stopped finding new tiles would only have lost those)."""
     envs = list(envs)[:len(seeds)]
     if len(envs) < len(seeds):
         raise ValueError(f"{len(seeds)} episodes need {len(seeds)} environments, got {len(envs)}")
@@ -129,6 +135,7 @@ def run_episodes(envs: Sequence, agent, seeds: Sequence[int], params: np.ndarray
     agent.reset(seeds, params)
     totals, steps = [0.0] * len(seeds), [0] * len(seeds)
     running = list(range(len(seeds)))  # episode of each row of the agent's batch
+    idle = [0] * len(seeds)  # steps since the last positive reward
     while running:
         actions = agent.act(np.stack([frames[i] for i in running]))  # (k, 3)
         if on_step is not None:
@@ -138,6 +145,10 @@ def run_episodes(envs: Sequence, agent, seeds: Sequence[int], params: np.ndarray
             frames[i], reward, terminated, truncated, _ = envs[i].step(action)
             totals[i] += float(reward)
             steps[i] += 1
+            idle[i] = 0 if reward > 0 else idle[i] + 1
+            if patience and idle[i] >= patience and not (terminated or truncated):
+                totals[i] -= 0.1 * max(0, max_steps - steps[i])
+                terminated = True
             if not (terminated or truncated):
                 go_on.append(row)
         if len(go_on) < len(running):
@@ -199,31 +210,34 @@ class EpisodeRunner:
     """A pool worker's state (see wm.pool): the agent and its own environments,
     built once (one more whenever a batch is larger than any before). A task
     is a batch of K episodes run in lockstep: (C's flat parameters per
-    episode (K, n_params) or None, K track seeds) -> K (total reward, steps)."""
+    episode (K, n_params) or None, K track seeds, patience: 0 or the early
+    stop of `run_episodes`) -> K (total reward, steps)."""
 
     def __init__(self, spec: AgentSpec):
         self.spec = spec
         self.agent = build_agent(spec)
         self.envs = []
 
-    def __call__(self, params: np.ndarray | None, seeds: Sequence[int]) -> list[tuple[float, int]]:
+    def __call__(self, params: np.ndarray | None, seeds: Sequence[int],
+                 patience: int = 0) -> list[tuple[float, int]]:
         while len(self.envs) < len(seeds):
             self.envs.append(make_env(fast=self.spec.fast, max_steps=self.spec.max_steps))
-        return run_episodes(self.envs, self.agent, seeds, params)
+        return run_episodes(self.envs, self.agent, seeds, params, patience=patience,
+                            max_steps=self.spec.max_steps)
 
 
 def map_episodes(pool, tasks: Sequence[tuple[np.ndarray | None, int]], batch_size: int,
                  on_result: Callable[[int, tuple[float, int]], None] | None = None,
-                 ) -> list[tuple[float, int]]:
+                 patience: int = 0) -> list[tuple[float, int]]:
     """Run episode tasks (C's flat parameters or None, track seed) on a pool of
     EpisodeRunner workers, consecutive tasks batched by up to `batch_size`
     (fewer when there are too few tasks to keep every worker busy); returns
     (total reward, steps) per task, in task order. `on_result(i, result)` is
-    called for task i as its batch comes back."""
+    called for task i as its batch comes back; `patience` as in `run_episodes`."""
     size = max(1, min(batch_size, -(-len(tasks) // len(pool))))
     chunks = [tasks[i:i + size] for i in range(0, len(tasks), size)]
-    batches = [(None if chunk[0][0] is None else np.stack([p for p, _ in chunk]), [s for _, s in chunk])
-               for chunk in chunks]
+    batches = [(None if chunk[0][0] is None else np.stack([p for p, _ in chunk]), [s for _, s in chunk],
+                patience) for chunk in chunks]
 
     def done(j: int, results: list) -> None:
         for k, result in enumerate(results):
