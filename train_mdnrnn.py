@@ -221,8 +221,8 @@ def main(cfg: Config) -> dict:
                    "config": asdict(cfg), "optimizer": optimizer.state_dict(), "epoch": epoch,
                    "vae_fingerprint": vae_fp, "train_loss": train["loss"], "val_loss": val["loss"],
                    "best_val": best}
-        if is_best:
-            save_checkpoint(ckpt_dir / "mdnrnn.pt", payload)
+        if is_best:  # the one to use: weights only (the optimizer stays in mdnrnn_last.pt)
+            save_checkpoint(ckpt_dir / "mdnrnn.pt", {k: v for k, v in payload.items() if k != "optimizer"})
         save_checkpoint(last_path, payload)
         print(f"epoch {epoch}  train {train['loss']:.4f} (nll {train['nll']:.4f} reward "
               f"{train['reward']:.4f} done {train['done']:.4f})  val {val['loss']:.4f}  "

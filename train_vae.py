@@ -333,8 +333,8 @@ def main(cfg: Config) -> dict:
                    **{k: v for k, v in row.items() if k != "epoch"}, "best_val_loss": best_val,
                    "train_rollouts": [f.name for f in train_files],
                    "val_rollouts": [f.name for f in val_files]}
-        if best:
-            save_checkpoint(best_path, payload)
+        if best:  # the one to use: weights only (Adam's state, twice their size, stays in vae_last.pt)
+            save_checkpoint(best_path, {k: v for k, v in payload.items() if k != "optimizer"})
         save_checkpoint(last_path, payload)
         log.append(row)
         log.plot(ckpt_dir / "vae_loss.png", ["train_loss", "val_loss", "train_recon", "val_recon",

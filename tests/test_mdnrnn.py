@@ -217,6 +217,7 @@ def test_train_mdnrnn_end_to_end(tmp_path, synthetic_rollouts):
     m = load_checkpoint(ckpt / "mdnrnn.pt", "mdnrnn")
     assert m["vae_fingerprint"] == load_checkpoint(ckpt / "vae.pt", "vae")["fingerprint"]
     assert m["model_args"]["latent_size"] == 8 and np.isfinite(m["val_loss"])
+    assert "optimizer" not in m and "optimizer" in load_checkpoint(ckpt / "mdnrnn_last.pt", "mdnrnn")
     world = load_world_model(ckpt)
     out, _ = world.mdnrnn.step(torch.zeros(2, 8), torch.zeros(2, 3), world.mdnrnn.initial_state(2))
     assert world.mdnrnn.sample_next_z(out, 1.0).shape == (2, 8)

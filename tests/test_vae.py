@@ -198,6 +198,7 @@ def test_checkpoint_round_trip_with_weights_only(trained):
     assert state_fingerprint(vae.state_dict()) == ckpt["fingerprint"]
     assert all(torch.isfinite(torch.tensor(ckpt[k])) for k in ("val_loss", "val_recon", "val_kl"))
     assert set(ckpt["train_rollouts"]).isdisjoint(ckpt["val_rollouts"])
+    assert "optimizer" not in ckpt  # weights only; Adam's state is in vae_last.pt, for resuming
 
 
 def test_resume_continues_the_epoch_count(trained, tmp_path, capsys):
