@@ -26,6 +26,7 @@ def test_evaluate_writes_the_json_and_a_video(tmp_path):
     assert result["episodes"] == 2 and result["seed"] == 0 and len(result["scores"]) == 2
     assert result["mean"] == pytest.approx(np.mean(result["scores"]))
     assert result["std"] == pytest.approx(np.std(result["scores"]))
+    assert min(result["scores"]) <= result["iqm_ci95"][0] <= result["iqm"] <= result["iqm_ci95"][1]
     assert "+-" in r.stdout and "episode   2" in r.stdout
 
     frames = iio.imread(video, index=None)  # every other step of episode 1
@@ -33,6 +34,19 @@ def test_evaluate_writes_the_json_and_a_video(tmp_path):
     real, v, m = (frames[:, :128, i * 128 + 20:(i + 1) * 128 - 20] for i in range(3))
     assert real.mean() > 20 and v.mean() > 20  # the road, and V's (untrained, grey) picture
     assert m[0].max() == 0 and m[-1].mean() > 20  # M has nothing to predict at the first step
+
+
+def test_interquartile_mean_and_its_interval():
+    # By hand: the middle half of 0..99 is 25..74, whose mean is 49.5.
+    iqm, (low, high) = evaluate.interquartile_mean(list(map(float, range(100))))
+    assert iqm == 49.5 and low < 49.5 < high
+    # An outlier moves the mean but not the IQM; the interval narrows with more episodes.
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(900, 30, 20), rng.normal(900, 30, 400)
+    assert evaluate.interquartile_mean([*many[:-1], -100.0])[0] == pytest.approx(
+        np.mean(np.sort(many[:-1])[99:299]))
+    width = lambda s: np.subtract(*evaluate.interquartile_mean(list(s))[1][::-1])  # noqa: E731
+    assert width(many) < width(few)
 
 
 def test_random_policy_needs_no_checkpoints(tmp_path, monkeypatch):
