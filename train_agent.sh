@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The shipped agent, from scratch: the recipe behind checkpoints/pretrained/.
+# Every stage resumes where it stopped, so rerunning this after an
+# interruption continues instead of starting over; the controller stage is
+# the long one (see the README's ledger for the hours each stage took).
+#
+#   usage: bash train_agent.sh [CKPT_DIR] [GENERATIONS]
+#     CKPT_DIR     where V, M and C go (default checkpoints/agent; pass
+#                  checkpoints/pretrained to go on training the shipped run)
+#     GENERATIONS  CMA-ES generations in all, counting those already done
+#                  (default 300)
+set -euo pipefail
+cd "$(dirname "$0")"
+export SDL_VIDEODRIVER=${SDL_VIDEODRIVER:-dummy}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+ckpt=${1:-checkpoints/agent}
+generations=${2:-300}
+workers=${WORKERS:-$(nproc)}
+
+# V and M, unless they are finished and shipped (mdnrnn.pt without the
+# mdnrnn_last.pt that training leaves behind, which git does not keep).
+if [ ! -f "$ckpt/mdnrnn.pt" ] || [ -f "$ckpt/mdnrnn_last.pt" ]; then
+    python collect_rollouts.py --rollouts 400 --workers "$workers"
+    python train_vae.py --ckpt-dir "$ckpt" --epochs 3
+    python train_mdnrnn.py --ckpt-dir "$ckpt" --epochs 30
+fi
+# 32 members x 4 shared tracks (lucid-dream-racer's budget); a training
+# episode ends after 200 steps without a new tile.
+python train_controller.py --ckpt-dir "$ckpt" --pop-size 32 --rollouts-per-member 4 --patience 200 \
+    --eval-every 5 --eval-episodes 16 --generations "$generations" --workers "$workers"
+python evaluate.py --ckpt-dir "$ckpt" --episodes 100 --workers "$workers" --json "$ckpt/scores.json"
