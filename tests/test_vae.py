@@ -274,7 +274,7 @@ def test_nan_loss_stops_and_leaves_the_checkpoints_whole(trained, tmp_path, monk
     before = {name: digest(ckpt / name) for name in ("vae.pt", "vae_last.pt")}
 
     def nan_loss(recon, x, mu, logvar, kl_floor=0.5):
-        nan = torch.tensor(float("nan"))
+        nan = torch.tensor(float("nan"), device=recon.device)  # on CUDA too, as the real loss is
         return nan + 0 * recon.sum(), nan, nan
 
     monkeypatch.setattr(train_vae, "vae_loss", nan_loss)
