@@ -8,7 +8,8 @@ import json
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from conftest import run_script, write_tiny_controller, write_tiny_world_model
+import torch
+from conftest import ROOT, run_script, write_tiny_controller, write_tiny_world_model
 
 import evaluate
 from evaluate import Config
@@ -82,3 +83,18 @@ def test_controller_trained_on_another_v_is_refused(tmp_path):
 def test_bad_input_gets_one_line_errors(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
         evaluate.main(Config(ckpt_dir=str(tmp_path), **flags))
+
+
+def test_the_shipped_agent_plays_and_films_on_a_fresh_clone(tmp_path):
+    """The README's first command, shortened: the committed agent loads (weights
+    only, V, M and C belonging together) and writes its video."""
+    shipped = ROOT / "checkpoints" / "pretrained"
+    for name in ("vae.pt", "mdnrnn.pt", "controller.pt"):
+        assert (shipped / name).is_file(), f"{name} is not committed in {shipped}"
+        assert torch.load(shipped / name, weights_only=True)["model"]
+    out, video = tmp_path / "out.json", tmp_path / "drive.gif"
+    r = run_script("evaluate.py", "--ckpt-dir", str(shipped), "--episodes", "1", "--max-steps", "60",
+                   "--workers", "1", "--json", str(out), "--video", str(video), timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["steps"] == 60  # a car that drives stays on the track 60 steps
+    assert iio.imread(video, index=None).shape == (30, 144, 384, 3)
