@@ -138,6 +138,61 @@ def test_a_batch_of_episodes_scores_exactly_as_each_one_alone(tmp_path, features
     assert batched == alone
     assert max(score for score, _ in batched) > 0  # some car touched new tiles: scores say something
     assert len({round(score, 3) for score, _ in batched}) > 2
+
+
+class HoldsItsAction:
+    """An agent that takes `actions[j]` on every call from the hold * j-th to
+    the next: hold = 2 at action repeat 1 gives the frames what action repeat
+    2 gives them with hold = 1."""
+
+    def __init__(self, actions, hold: int):
+        self.actions, self.hold = actions, hold
+
+    def reset(self, seeds, params=None):
+        self.calls = 0
+
+    def act(self, frames):
+        self.calls += 1
+        return self.actions[(self.calls - 1) // self.hold][None]
+
+    def keep(self, rows):
+        pass
+
+
+def test_action_repeat_counts_frames_and_scores_what_the_same_frames_score():
+    actions = np.array([[np.sin(j / 5), 1.0 if j % 3 else 0.0, 0.0] for j in range(30)], np.float32)
+    runs = {}
+    for k in (1, 2):
+        env = RecordActions(make_env(fast=True, max_steps=41))  # odd: the last agent step is 1 frame
+        runs[k] = run_episodes([env], HoldsItsAction(actions, hold=3 - k), [5], action_repeat=k)[0]
+        runs[k, "frames"] = np.stack(env.actions)
+    np.testing.assert_array_equal(runs[1, "frames"], runs[2, "frames"])  # the same action every frame
+    assert runs[1][1] == runs[2][1] == 41  # frames, not the 21 decisions of k = 2
+    # The same rewards, summed two frames at a time instead of one: equal up to rounding.
+    assert runs[2][0] == pytest.approx(runs[1][0], abs=1e-9) and runs[1][0] > 0
+    # The early stop counts idle frames: a car that stands still is paid for the
+    # start tile on frame 1, then stops at the first agent step that reaches 10
+    # idle frames (11 = 1 + 10; 15 = 3 + 12 at k = 3), charged the frames left:
+    # what it scores standing still to the time limit.
+    still = np.zeros((41, 3), np.float32)
+    (r1, n1), (r3, n3), (r_full, n_full) = (
+        run_episodes([make_env(fast=True, max_steps=41)], HoldsItsAction(still, 1), [5], patience=p,
+                     max_steps=41, action_repeat=k)[0] for k, p in ((1, 10), (3, 10), (1, 0)))
+    assert (n1, n3, n_full) == (11, 15, 41)
+    assert r1 == pytest.approx(r_full) and r3 == pytest.approx(r_full)
+
+
+def test_an_episode_runner_holds_actions_for_its_spec_s_frames():
+    from wm.agent import RandomAgent
+
+    calls = []
+    runner = EpisodeRunner(AgentSpec(max_steps=9, action_repeat=3))  # the random agent, on the fast env
+    act = runner.agent.act
+    runner.agent.act = lambda frames: calls.append(len(frames)) or act(frames)
+    assert isinstance(runner.agent, RandomAgent) and [n for _, n in runner(None, [1, 2])] == [9, 9]
+    assert calls == [2, 2, 2]
+
+
 class ScriptedRewards:
     """A stand-in environment that pays `rewards[t]` at step t (then -0.1), so
     that the early stop's arithmetic can be checked by hand."""
