@@ -356,11 +356,31 @@ def test_ctrl_c_stops_the_run_and_its_workers(tmp_path):
     assert [w for w in workers if os.path.exists(f"/proc/{w}")] == []
 
 
+def test_c_acts_at_m_s_rate_and_a_contradicting_flag_is_refused(tmp_path):
+    write_tiny_world_model(tmp_path, action_repeat=3)  # an M that learned every 3rd frame
+    with pytest.raises(UsageError, match="--action-repeat 2 does not match mdnrnn.pt") as e:
+        train_controller.main(Config(ckpt_dir=str(tmp_path), action_repeat=2))
+    assert "\n" not in str(e.value)
+    common = dict(pop_size=2, rollouts_per_member=1, max_steps=30, workers=1, eval_episodes=1)
+    state = train_controller.main(Config(ckpt_dir=str(tmp_path), generations=1, **common))
+    assert state["signature"]["action_repeat"] == 3
+    ckpt = load_checkpoint(tmp_path / "controller.pt", "controller")
+    assert ckpt["action_repeat"] == 3
+    rows = (tmp_path / "controller_metrics.csv").read_text().splitlines()
+    # 2 members and 1 held-out episode of 30 frames (10 agent steps each).
+    assert int(float(rows[1].split(",")[rows[0].split(",").index("frames")])) == (2 + 1) * 30
+    # The same V and M (same fingerprints) relabelled k = 1: its CMA-ES state is not resumed.
+    write_tiny_world_model(tmp_path, action_repeat=1)
+    with pytest.raises(UsageError, match="action_repeat = 3, this run has 1"):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), generations=2, **common))
+
+
 @pytest.mark.parametrize("flags, message", [
     (dict(pop_size=1), "--pop-size must be at least 2"),
     (dict(workers=0), "--workers must be at least 1"),
     (dict(features="zz"), "--features must be one of"),
     (dict(sigma0=0.0), "--sigma0 must be positive"),
+    (dict(action_repeat=-1), "--action-repeat must be 0"),
 ])
 def test_bad_flags_get_one_line_errors(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
