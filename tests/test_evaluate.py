@@ -82,3 +82,17 @@ def test_controller_trained_on_another_v_is_refused(tmp_path):
 def test_bad_input_gets_one_line_errors(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
         evaluate.main(Config(ckpt_dir=str(tmp_path), **flags))
+
+
+def test_the_agent_holds_its_actions_as_controller_pt_says(tmp_path):
+    write_tiny_world_model(tmp_path, action_repeat=3)
+    write_tiny_controller(tmp_path, action_repeat=3)
+    video = tmp_path / "k3.gif"
+    result = evaluate.main(Config(ckpt_dir=str(tmp_path), episodes=1, workers=1, max_steps=30,
+                                  video=str(video)))
+    assert result["steps"] == 30  # frames, as at k = 1
+    # 10 decisions in 30 frames, every one filmed (at k = 1 a GIF keeps every other of 30: 15).
+    assert iio.imread(video, index=None).shape[0] == 10
+    assert evaluate.agent_spec(Config(ckpt_dir=str(tmp_path)))[0].action_repeat == 3  # what the workers get
+    write_tiny_controller(tmp_path)  # a controller.pt from before the flag: k = 1
+    assert evaluate.agent_spec(Config(ckpt_dir=str(tmp_path)))[0].action_repeat == 1
