@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, write_tiny_world_model
+from conftest import ROOT, run_script, write_tiny_world_model
 
 from models.controller import Controller, ControllerConfig
 from wm.agent import Agent, AgentSpec, EpisodeRunner, load_models, map_episodes, run_episode, run_episodes
@@ -373,6 +373,18 @@ def test_c_acts_at_m_s_rate_and_a_contradicting_flag_is_refused(tmp_path):
     write_tiny_world_model(tmp_path, action_repeat=1)
     with pytest.raises(UsageError, match="action_repeat = 3, this run has 1"):
         train_controller.main(Config(ckpt_dir=str(tmp_path), generations=2, **common))
+
+
+def test_bench_repeat_prints_frames_per_second_for_each_k():
+    import json
+
+    r = run_script("bench.py", "repeat", "--json", "--action-repeat", "1,3", "--steps", "7",
+                   "--batch-size", "2", "--rounds", "1", timeout=240)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["frames_k1"] == result["frames_k3"] == 2 * 7  # frames, the same budget at every k
+    assert result["frames_per_s_k1"] > 0 and result["frames_per_s_k3"] > 0
+    assert result["speedup_k3"] > 0 and result["speedup_cpu_k3"] > 0 and "speedup_k1" not in result
 
 
 @pytest.mark.parametrize("flags, message", [
