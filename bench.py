@@ -4,6 +4,7 @@
     python bench.py vae --json                 ConvVAE training images/s
     python bench.py mdnrnn --json              MDN-RNN sequences/s, cell steps/s
     python bench.py agent --json               agent loop steps/s, 1 vs all workers, batched
+    python bench.py repeat --json              agent loop frames/s holding actions 1, 2, 3 frames
     python bench.py dream --json               simulated dream steps/s
 
 Each subcommand prints one JSON object with --json, else one line per number.
@@ -135,47 +136,15 @@ def bench_agent(args) -> dict:
     (resets included). network_overhead = agent time per step / env time per
     step - 1."""
     import tempfile
-    from dataclasses import asdict
 
-    from models import MDNRNN, ConvVAE, MDNRNNConfig, VAEConfig
-    from models.controller import Controller, ControllerConfig
-    from wm.agent import AgentSpec, EpisodeRunner, map_episodes
-    from wm.checkpoint import load_checkpoint, save_checkpoint
-    from wm.pool import WorkerPool
+    from wm.agent import AgentSpec
 
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt_dir = args.ckpt_dir or tmp
-        if not args.ckpt_dir:
-            vcfg, mcfg = VAEConfig(), MDNRNNConfig()
-            save_checkpoint(f"{tmp}/vae.pt", {"kind": "vae", "model": ConvVAE(vcfg).state_dict(),
-                                              "model_args": asdict(vcfg)})
-            save_checkpoint(f"{tmp}/mdnrnn.pt", {
-                "kind": "mdnrnn", "model": MDNRNN(mcfg).state_dict(), "model_args": asdict(mcfg),
-                "vae_fingerprint": load_checkpoint(f"{tmp}/vae.pt", "vae")["fingerprint"]})
-        m_args = load_checkpoint(f"{ckpt_dir}/mdnrnn.pt", "mdnrnn")["model_args"]
-        ccfg = ControllerConfig(latent_size=m_args["latent_size"], hidden_size=m_args["hidden_size"])
-        agent = AgentSpec(ckpt_dir=ckpt_dir, controller=asdict(ccfg), max_steps=args.steps)
+        agent, params = agent_for_bench(args, tmp)
         env_only = AgentSpec(max_steps=args.steps)  # random actions, no networks
         n = args.workers or os.cpu_count() or 1
-        K = args.batch_size
-        params = Controller(ccfg).get_flat()
         runs = {"env": (env_only, 1, None), "one": (agent, 1, params), "all": (agent, n, params)}
-        pools = {k: WorkerPool(w, EpisodeRunner, spec) for k, (spec, w, _) in runs.items()}
-        try:
-            for k, (_, w, p) in runs.items():  # warm-up, which also makes each worker's K environments
-                map_episodes(pools[k], [(p, args.seed + i) for i in range(w * K)], K)
-            steps, seconds, cpu = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
-            # Rounds alternate the three, so that all see the same machine load.
-            for r in range(args.rounds):
-                for k, (_, w, p) in runs.items():
-                    tasks = [(p, args.seed + 1000 * (r + 1) + i) for i in range(args.episodes * w * K)]
-                    t0, c0 = time.perf_counter(), worker_cpu_seconds(pools[k])
-                    steps[k] += sum(n_steps for _, n_steps in map_episodes(pools[k], tasks, K))
-                    seconds[k] += time.perf_counter() - t0
-                    cpu[k] += worker_cpu_seconds(pools[k]) - c0
-        finally:
-            for pool in pools.values():
-                pool.close()
+        steps, seconds, cpu = time_pools(runs, args)
     env_sps, one, many = (steps[k] / seconds[k] for k in runs)
     return {
         "env_steps_per_s": round(env_sps, 1),
@@ -186,8 +155,90 @@ def bench_agent(args) -> dict:
         "network_overhead_cpu": round((cpu["one"] / steps["one"]) / (cpu["env"] / steps["env"]) - 1, 3),
         "speedup_all_workers": round(many / one, 2),
         "workers": n,
-        "batch_size": K,
+        "batch_size": args.batch_size,
     }
+
+
+def bench_repeat(args) -> dict:
+    """Agent loop frames/s holding each action for k frames (--action-repeat 1,2,3), one worker each.
+
+    The agent of `bench.py agent` (V, M and C, the fast env, --batch-size
+    episodes at once, --steps frames an episode), with only every k-th frame
+    rendered and seen by the networks. The k alternate in --rounds rounds, so
+    that all see the same load; frames_per_s_k* count game frames (steps of
+    the environment), and speedup_k* is each rate over the first k's."""
+    import tempfile
+    from dataclasses import replace
+
+    ks = [int(k) for k in args.action_repeat.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        agent, params = agent_for_bench(args, tmp)
+        runs = {k: (replace(agent, action_repeat=k), 1, params) for k in ks}
+        frames, seconds, cpu = time_pools(runs, args)
+    rate = {k: frames[k] / seconds[k] for k in ks}
+    return {
+        **{f"frames_per_s_k{k}": round(rate[k], 1) for k in ks},
+        **{f"speedup_k{k}": round(rate[k] / rate[ks[0]], 2) for k in ks[1:]},
+        # The same from the worker's CPU time, which a busy machine's load distorts less.
+        **{f"speedup_cpu_k{k}": round((cpu[ks[0]] / frames[ks[0]]) / (cpu[k] / frames[k]), 2) for k in ks[1:]},
+        **{f"frames_k{k}": frames[k] for k in ks},  # timed, the same at every k
+        "batch_size": args.batch_size,
+    }
+
+
+def agent_for_bench(args, tmp: str):
+    """(AgentSpec of V, M and C on the fast env with --steps frames an episode,
+    C's flat weights): the models of --ckpt-dir, or untrained ones at the
+    paper's size written to `tmp`."""
+    from dataclasses import asdict
+
+    from models import MDNRNN, ConvVAE, MDNRNNConfig, VAEConfig
+    from models.controller import Controller, ControllerConfig
+    from wm.agent import AgentSpec
+    from wm.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt_dir = args.ckpt_dir or tmp
+    if not args.ckpt_dir:
+        vcfg, mcfg = VAEConfig(), MDNRNNConfig()
+        save_checkpoint(f"{tmp}/vae.pt", {"kind": "vae", "model": ConvVAE(vcfg).state_dict(),
+                                          "model_args": asdict(vcfg)})
+        save_checkpoint(f"{tmp}/mdnrnn.pt", {
+            "kind": "mdnrnn", "model": MDNRNN(mcfg).state_dict(), "model_args": asdict(mcfg),
+            "vae_fingerprint": load_checkpoint(f"{tmp}/vae.pt", "vae")["fingerprint"]})
+    m_args = load_checkpoint(f"{ckpt_dir}/mdnrnn.pt", "mdnrnn")["model_args"]
+    ccfg = ControllerConfig(latent_size=m_args["latent_size"], hidden_size=m_args["hidden_size"])
+    spec = AgentSpec(ckpt_dir=ckpt_dir, controller=asdict(ccfg), max_steps=args.steps)
+    return spec, Controller(ccfg).get_flat()
+
+
+def time_pools(runs: dict, args) -> tuple[dict, dict, dict]:
+    """runs: {name: (AgentSpec, workers, C's flat weights or None)}. One
+    worker pool per run; after one warm-up batch per worker, --rounds rounds
+    that alternate the runs, so that all see the same machine load, each of
+    --episodes batches of --batch-size episodes per worker. -> (environment
+    steps, wall-clock seconds, the workers' CPU seconds) per run."""
+    from wm.agent import EpisodeRunner, map_episodes
+    from wm.pool import WorkerPool
+
+    K = args.batch_size
+    pools = {}
+    try:
+        for name, (spec, w, _) in runs.items():
+            pools[name] = WorkerPool(w, EpisodeRunner, spec)
+        for name, (_, w, p) in runs.items():  # warm-up, which also makes each worker's K environments
+            map_episodes(pools[name], [(p, args.seed + i) for i in range(w * K)], K)
+        steps, seconds, cpu = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
+        for r in range(args.rounds):
+            for name, (_, w, p) in runs.items():
+                tasks = [(p, args.seed + 1000 * (r + 1) + i) for i in range(args.episodes * w * K)]
+                t0, c0 = time.perf_counter(), worker_cpu_seconds(pools[name])
+                steps[name] += sum(n_steps for _, n_steps in map_episodes(pools[name], tasks, K))
+                seconds[name] += time.perf_counter() - t0
+                cpu[name] += worker_cpu_seconds(pools[name]) - c0
+    finally:
+        for pool in pools.values():
+            pool.close()
+    return steps, seconds, cpu
 
 
 def worker_cpu_seconds(pool) -> float:
@@ -349,6 +400,9 @@ BENCHES = {
     "agent": (bench_agent, [("--steps", int, 300), ("--episodes", int, 1), ("--rounds", int, 3),
                             ("--batch-size", int, 16), ("--workers", int, 0), ("--ckpt-dir", str, None),
                             ("--seed", int, 0)]),
+    "repeat": (bench_repeat, [("--action-repeat", str, "1,2,3"), ("--steps", int, 300), ("--episodes", int, 1),
+                              ("--rounds", int, 3), ("--batch-size", int, 16), ("--ckpt-dir", str, None),
+                              ("--seed", int, 0)]),
     "dream": (bench_dream, [("--pop-size", int, 64), ("--rollouts", int, 16), ("--max-steps", int, 100),
                             ("--repeats", int, 2), ("--temperature", float, 1.0), ("--device", str, "auto"),
                             ("--seed", int, 0)]),

@@ -9,6 +9,9 @@ M and C; "solved" is 900).
 V's reconstruction of it and M's prediction of it from the step before, with
 the running score, so a person sees at once what the agent sees.
 
+The agent holds each action for the frames that controller.pt records (its
+action repeat; 1 for files from before it, and for the random baseline).
+
 usage: python evaluate.py --ckpt-dir checkpoints --episodes 100 --json scores.json --video drive.mp4
 """
 
@@ -41,7 +44,7 @@ class Config:
     seed: int = 0  # episode i drives the track of seed + i
     workers: int = os.cpu_count() or 1  # worker processes; 1 runs everything in this process
     batch_size: int = 16  # episodes driven at once in lockstep, V, M and C batched (1 with --render human)
-    max_steps: int = 1000  # time limit of an episode (CarRacing-v3's own: 1000)
+    max_steps: int = 1000  # time limit of an episode, in frames (CarRacing-v3's own: 1000)
     render: str = "none"  # none, or human: a window to watch the agent drive (runs in this process)
     video: str = None  # record the first episode to this .gif or .mp4
     json: str = None  # write the scores here: scores, mean, std, episodes, seed
@@ -70,20 +73,26 @@ def agent_spec(cfg: Config) -> tuple[AgentSpec, np.ndarray | None]:
     controller = Controller.from_checkpoint(ckpt)
     _, _, fingerprints = load_models(cfg.ckpt_dir, controller.uses_memory)
     check_controller(ckpt, path, fingerprints)
+    spec.action_repeat = ckpt.get("action_repeat", 1)  # the frames each action was held in training
+    held = f", each action held {spec.action_repeat} frames" if spec.action_repeat != 1 else ""
     print(f"C: {controller.cfg.features}, {controller.n_params} parameters, generation "
-          f"{ckpt.get('generation')}, held-out score {ckpt.get('held_out')}")
+          f"{ckpt.get('generation')}, held-out score {ckpt.get('held_out')}{held}")
     spec.ckpt_dir, spec.controller = str(cfg.ckpt_dir), ckpt["model_args"]
     return spec, controller.get_flat()
 
 
 class VideoRecorder:
-    """Frames of one episode: real frame | V's reconstruction | M's prediction, and the score."""
+    """Frames of one episode: real frame | V's reconstruction | M's prediction, and the score.
+
+    It sees the frames the agent sees, one every `action_repeat` game frames,
+    and keeps one in `every` of them; the video plays at the game's speed."""
 
     PANEL = 128  # pixels per panel
     BAND = 16  # pixels of text under the panels; 128 + 16 is a multiple of 16, as video codecs like
 
-    def __init__(self, path: str | Path, every: int = 1):
+    def __init__(self, path: str | Path, every: int = 1, action_repeat: int = 1):
         self.path, self.every, self.frames, self.step = Path(path), every, [], 0
+        self.action_repeat = action_repeat
 
     def __call__(self, frame: np.ndarray, agent, score: float) -> None:
         self.step += 1
@@ -104,7 +113,7 @@ class VideoRecorder:
         draw = ImageDraw.Draw(canvas)
         for i, label in enumerate(("real", "V", "M")):
             draw.text((i * P + 3, 2), label, fill="white")
-        draw.text((3, P + 2), f"step {self.step - 1}   score {score:7.1f}", fill="white")
+        draw.text((3, P + 2), f"step {(self.step - 1) * self.action_repeat}   score {score:7.1f}", fill="white")
         self.frames.append(np.asarray(canvas))
 
     def _picture(self, x: torch.Tensor):
@@ -116,11 +125,12 @@ class VideoRecorder:
         import imageio.v3 as iio
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        frames = self.every * self.action_repeat  # game frames per video frame
         if self.path.suffix.lower() == ".gif":
-            # CarRacing runs at 50 frames/s; a GIF plays every other step at 25.
-            iio.imwrite(self.path, np.stack(self.frames), duration=1000 * self.every / 50, loop=0)
+            # CarRacing runs at 50 frames/s; main keeps a GIF to 25 pictures a second or fewer.
+            iio.imwrite(self.path, np.stack(self.frames), duration=1000 * frames / 50, loop=0)
         else:
-            iio.imwrite(self.path, np.stack(self.frames), fps=50 / self.every)
+            iio.imwrite(self.path, np.stack(self.frames), fps=50 / frames)
 
 
 def interquartile_mean(scores: list[float]) -> tuple[float, tuple[float, float]]:
@@ -157,8 +167,10 @@ def main(cfg: Config) -> dict:
         envs = [make_env(fast=False, render_mode="human" if cfg.render == "human" else None,
                          max_steps=cfg.max_steps)]
         if cfg.video:  # the filmed episode alone
-            video = VideoRecorder(cfg.video, every=2 if cfg.video.lower().endswith(".gif") else 1)
-            report(0, run_episode(envs[0], agent, seeds[0], on_step=video))
+            # Every frame the agent sees, but at most 25 a second in a GIF.
+            every = -(-2 // spec.action_repeat) if cfg.video.lower().endswith(".gif") else 1
+            video = VideoRecorder(cfg.video, every, spec.action_repeat)
+            report(0, run_episode(envs[0], agent, seeds[0], on_step=video, action_repeat=spec.action_repeat))
             video.save()
             print(f"video of episode 1 saved to {cfg.video}")
         if in_process:
@@ -167,7 +179,8 @@ def main(cfg: Config) -> dict:
             todo = [i for i in range(len(seeds)) if i not in results]
             for start in range(0, len(todo), batch):
                 rows = todo[start:start + batch]
-                for i, result in zip(rows, run_episodes(envs, agent, [seeds[i] for i in rows])):
+                for i, result in zip(rows, run_episodes(envs, agent, [seeds[i] for i in rows],
+                                                         action_repeat=spec.action_repeat)):
                     report(i, result)
         for env in envs:
             env.close()

@@ -21,6 +21,10 @@ reward and done heads, and also writes controller_dream_strip.png with each
 new controller.pt: that C in the real game beside its dream from the same
 first frame.
 
+C holds each action for k frames, k being M's (mdnrnn.pt) when C reads M's
+memory or dreams in M, since M learned every k-th frame, else
+--action-repeat. controller.pt records k, and evaluate.py drives with it.
+
 usage: python train_controller.py --ckpt-dir checkpoints --pop-size 64 --rollouts-per-member 16 --workers 16
 """
 
@@ -55,8 +59,9 @@ class Config:
     generations: int = 100  # total generations, counting those already done before a resume
     workers: int = os.cpu_count() or 1  # worker processes, each with its own environments
     batch_size: int = 16  # episodes a worker drives at once in lockstep, V, M and C batched over them
-    max_steps: int = 1000  # time limit of an episode, in steps (the paper: 1000)
-    patience: int = 0  # real mode: a training episode ends after this many steps without a positive reward, charged -0.1 a step left (0: never, the paper; held-out never)
+    max_steps: int = 1000  # time limit of an episode, in frames (the paper: 1000)
+    action_repeat: int = 0  # frames each action is held; 0: M's (features zh, or dream mode), else 1 (the paper: 1)
+    patience: int = 0  # real mode: a training episode ends after this many frames without a positive reward, charged -0.1 a frame left (0: never, the paper; held-out never)
     eval_every: int = 10  # score the CMA-ES mean on held-out tracks every this many generations (the paper: 25)
     eval_episodes: int = 16  # held-out tracks (the paper: 1024)
     seed: int = 0  # seeds CMA-ES and the choice of training tracks
@@ -117,8 +122,10 @@ def check_config(cfg: Config) -> None:
                  "eval_episodes"):
         if getattr(cfg, name) < 1:
             raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.action_repeat < 0:
+        raise fail(f"--action-repeat must be 0 (M's, or 1 without M) or a number of frames, got {cfg.action_repeat}")
     if cfg.patience < 0:
-        raise fail(f"--patience must be 0 (off) or a number of steps, got {cfg.patience}")
+        raise fail(f"--patience must be 0 (off) or a number of frames, got {cfg.patience}")
     if not cfg.sigma0 > 0:
         raise fail(f"--sigma0 must be positive, got {cfg.sigma0}")
     if cfg.mode not in ("real", "dream"):
@@ -135,9 +142,14 @@ def save_es_state(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+# What a state saved before these keys existed was made with (real mode
+# leaves "mode" out of its signature), so that old files still resume.
+SIGNATURE_DEFAULTS = {"mode": "real", "action_repeat": 1}
+
+
 def load_es_state(path: Path, signature: dict) -> dict | None:
     """The saved CMA-ES state, or None to start afresh; an error if it was
-    made for another C, V or M."""
+    made for another C, V, M or action repeat."""
     if not path.is_file():
         return None
     try:
@@ -145,16 +157,29 @@ def load_es_state(path: Path, signature: dict) -> dict | None:
             state = pickle.load(f)
     except Exception as e:
         raise fail(f"{path} is unreadable ({type(e).__name__}: {e}); pass --restart to start over")
-    # Real mode leaves "mode" out, so that files from before dream mode still resume.
-    made, this = state["signature"].get("mode", "real"), signature.get("mode", "real")
-    if made != this:
-        raise fail(f"{path} is from a {made}-mode run and this one is {this}-mode; pass "
-                   f"--mode {made} to resume it, or --restart to start over")
-    for key, value in signature.items():
-        if state["signature"].get(key) != value:
-            raise fail(f"{path} was made with {key} = {state['signature'].get(key)}, this run has "
+    made, this = {**SIGNATURE_DEFAULTS, **state["signature"]}, {**SIGNATURE_DEFAULTS, **signature}
+    if made["mode"] != this["mode"]:
+        raise fail(f"{path} is from a {made['mode']}-mode run and this one is {this['mode']}-mode; pass "
+                   f"--mode {made['mode']} to resume it, or --restart to start over")
+    for key, value in this.items():
+        if made.get(key) != value:
+            raise fail(f"{path} was made with {key} = {made.get(key)}, this run has "
                        f"{value}; pass --restart to start over, or match its settings")
     return state
+
+
+def pick_action_repeat(flag: int, mdnrnn) -> int:
+    """C acts at M's rate when it reads M's memory or dreams in M (M learned
+    every k-th frame), else at --action-repeat (0: 1); a flag that
+    contradicts M is refused."""
+    if mdnrnn is None:
+        return flag or 1
+    k = mdnrnn.cfg.action_repeat
+    if flag not in (0, k):
+        raise fail(f"--action-repeat {flag} does not match mdnrnn.pt, which learned every {k} frames "
+                   f"(its rollouts were collected with --action-repeat {k}), and C acts at M's rate; "
+                   f"leave --action-repeat out, or train M on rollouts collected with --action-repeat {flag}")
+    return k
 
 
 def main(cfg: Config) -> dict:
@@ -166,15 +191,17 @@ def main(cfg: Config) -> dict:
                             hidden_size=mdnrnn.cfg.hidden_size if uses_m else 0,
                             features=cfg.features)
     controller = Controller(ccfg)
+    if cfg.mode == "dream":
+        dream, world = make_dream(ckpt_dir, controller, cfg.latent_dir, cfg.temperature,
+                                  cfg.max_steps, resolve_device(cfg.device), cfg.bf16)
+        mdnrnn = world.mdnrnn  # C may not read M itself, but it dreams in M
+    action_repeat = pick_action_repeat(cfg.action_repeat, mdnrnn)
     del vae, mdnrnn  # the workers load their own copies
 
     es_path = ckpt_dir / "controller_es.pkl"
     signature = {"features": cfg.features, "n_params": controller.n_params,
-                 "pop_size": cfg.pop_size, **fingerprints}
+                 "pop_size": cfg.pop_size, "action_repeat": action_repeat, **fingerprints}
     if cfg.mode == "dream":
-        dream, world = make_dream(ckpt_dir, controller, cfg.latent_dir, cfg.temperature,
-                                  cfg.max_steps, resolve_device(cfg.device), cfg.bf16)
-        # C may not read M itself, but its dream does.
         signature.update(mode="dream", dream_mdnrnn_fingerprint=world.mdnrnn_fingerprint)
     state = load_es_state(es_path, signature) if not cfg.restart else None
     if state is None:
@@ -197,10 +224,11 @@ def main(cfg: Config) -> dict:
         print(f"already at generation {start}; raise --generations to train further")
         return state
 
+    held = f", each action held {action_repeat} frames" if action_repeat != 1 else ""
     print(f"C: {cfg.features}, {controller.n_params} parameters; population {cfg.pop_size} x "
-          f"{cfg.rollouts_per_member} rollouts of up to {cfg.max_steps} steps, {cfg.workers} workers")
+          f"{cfg.rollouts_per_member} rollouts of up to {cfg.max_steps} frames{held}, {cfg.workers} workers")
     spec = AgentSpec(ckpt_dir=str(ckpt_dir), controller=asdict(ccfg), fast=True,
-                     max_steps=cfg.max_steps)
+                     max_steps=cfg.max_steps, action_repeat=action_repeat)
     held_out_seeds = [HELD_OUT_SEED + i for i in range(cfg.eval_episodes)]
     try:
         with WorkerPool(cfg.workers, EpisodeRunner, spec) as pool:
@@ -227,7 +255,8 @@ def main(cfg: Config) -> dict:
                             "kind": "controller", "model": controller.state_dict(),
                             "model_args": asdict(ccfg), "config": asdict(cfg),
                             "generation": gen + 1, "held_out": row["held_out"],
-                            "held_out_std": float(np.std(scores)), **fingerprints})
+                            "held_out_std": float(np.std(scores)), "action_repeat": action_repeat,
+                            **fingerprints})
                         if cfg.mode == "dream":  # the new C in the real game beside its dream
                             save_dream_strip(world.vae, world.mdnrnn, controller,
                                              ckpt_dir / "controller_dream_strip.png", HELD_OUT_SEED,

@@ -8,6 +8,10 @@ and, after training, mdnrnn_strip.png: real frames, V's reconstructions, M's
 one-step predictions and an open-loop dream on a held-out rollout. A rerun
 resumes from mdnrnn_last.pt; --restart starts over.
 
+M steps once per row of the rollouts: every k-th game frame for rollouts
+collected with --action-repeat k. mdnrnn.pt records k (model_args), and a
+folder that mixes rollouts of different k is refused.
+
 usage: python train_mdnrnn.py --data-dir data/rollouts --ckpt-dir checkpoints --epochs 20
 """
 
@@ -28,7 +32,7 @@ from wm.cli import fail, resolve_device, run_main
 from wm.frames import to_image
 from wm.latents import check_latent_size, encode_rollouts
 from wm.metrics import MetricsLog, image_grid
-from wm.rollouts import list_rollouts, read_rollout
+from wm.rollouts import action_repeats, list_rollouts, read_rollout
 
 
 @dataclass
@@ -48,8 +52,8 @@ class Config:
     val_fraction: float = 0.1  # share of rollouts held out for validation and the strip
     encode_batch: int = 256  # frames per V forward pass when encoding
     strip_steps: int = 12  # frames in the strip PNG
-    strip_every: int = 5  # show every k-th step in the strip (M still steps every frame)
-    strip_start: int = 100  # frame the strip's dream starts from (CarRacing zooms in first)
+    strip_every: int = 5  # show every k-th step in the strip (M still steps every row)
+    strip_start: int = 100  # row the strip's dream starts from (CarRacing zooms in first)
     dream_temperature: float = 1.0  # tau for the strip's dream (the paper's Doom dreams: 1.15)
     restart: bool = False  # ignore mdnrnn_last.pt and start from scratch (else a rerun resumes)
     seed: int = 0  # data split, batch order and z sampling
@@ -154,6 +158,17 @@ def save_strip(vae, model, rollout_path: Path, latents: dict, cfg: Config, devic
     image_grid(rows, png, labels=["real", "V recon", "M one-step", "M dream"])
 
 
+def folder_action_repeat(data_dir: str, files: list[Path]) -> int:
+    """The k every rollout in the folder was collected with (1 when none is readable:
+    encoding then skips them all); one line when they differ, since M has one rate."""
+    found = action_repeats(files)
+    if len(found) > 1:
+        counts = ", ".join(f"{len(f)} with --action-repeat {k}" for k, f in sorted(found.items()))
+        raise fail(f"{data_dir} mixes rollouts of different action repeats ({counts}); M learns one "
+                   f"rate: move one kind to another folder and pass it as --data-dir")
+    return next(iter(found), 1)
+
+
 def main(cfg: Config) -> dict:
     if min(cfg.epochs, cfg.seq_len, cfg.batch_size, cfg.strip_steps, cfg.strip_every) < 1:
         raise fail("--epochs, --seq-len, --batch-size, --strip-steps and --strip-every must be at least 1")
@@ -161,6 +176,7 @@ def main(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     ckpt_dir = Path(cfg.ckpt_dir)
     rollout_files = list_rollouts(cfg.data_dir)
+    action_repeat = folder_action_repeat(cfg.data_dir, rollout_files)
     vae_ckpt = load_checkpoint(ckpt_dir / "vae.pt", kind="vae")
     vae = ConvVAE.from_checkpoint(vae_ckpt).to(device)
     vae_fp = vae_ckpt["fingerprint"]
@@ -171,7 +187,8 @@ def main(cfg: Config) -> dict:
     mcfg = MDNRNNConfig(latent_size=vae_ckpt["model_args"]["latent_size"],
                         action_size=latents[0][1]["actions"].shape[1],
                         hidden_size=cfg.hidden_size, n_gaussians=cfg.n_gaussians,
-                        predict_reward=cfg.reward_weight > 0, predict_done=cfg.done_weight > 0)
+                        predict_reward=cfg.reward_weight > 0, predict_done=cfg.done_weight > 0,
+                        action_repeat=action_repeat)
     check_latent_size(latents, mcfg.latent_size)
 
     # Hold out whole rollouts: the last ones in file order, at least one when there are two.

@@ -30,6 +30,7 @@ class MDNRNNConfig:
     n_gaussians: int = 5  # mixture components per dimension of z (the paper: 5)
     predict_reward: bool = True  # add a reward head (needed to train C in a dream)
     predict_done: bool = True  # add an episode-end head (needed to train C in a dream)
+    action_repeat: int = 1  # game frames per step of M, from the rollouts: C must act at this rate (the paper: 1)
 
 
 class MDNOutput(NamedTuple):

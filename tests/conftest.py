@@ -17,7 +17,8 @@ os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 from wm.rollouts import rollout_path, write_rollout  # noqa: E402
 
 
-def make_synthetic_rollouts(out_dir: Path, n: int = 3, steps: int = 40, seed: int = 0) -> list[Path]:
+def make_synthetic_rollouts(out_dir: Path, n: int = 3, steps: int = 40, seed: int = 0,
+                            action_repeat: int = 1) -> list[Path]:
     """Rollouts of the real schema with smooth random frames (not the game)."""
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -29,10 +30,11 @@ def make_synthetic_rollouts(out_dir: Path, n: int = 3, steps: int = 40, seed: in
         done = np.zeros(steps, bool)
         done[-1] = True
         path = rollout_path(out_dir, seed + i)
+        k = {"action_repeat": np.array(action_repeat)} if action_repeat != 1 else {}  # as collected
         write_rollout(path, observations=obs,
                       actions=rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
                       rewards=rng.normal(size=steps).astype(np.float32),
-                      terminated=done, truncated=np.zeros(steps, bool))
+                      terminated=done, truncated=np.zeros(steps, bool), **k)
         paths.append(path)
     return paths
 
@@ -71,7 +73,7 @@ def write_tiny_vae(ckpt_dir: Path, latent_size: int = 8, seed: int = 0) -> Path:
 
 
 def write_tiny_world_model(ckpt_dir: Path, latent_size: int = 8, hidden_size: int = 16,
-                           seed: int = 0) -> tuple[Path, Path]:
+                           seed: int = 0, action_repeat: int = 1) -> tuple[Path, Path]:
     """An untrained, matched (V, M) pair: `ckpt_dir/vae.pt` and `ckpt_dir/mdnrnn.pt`,
     loadable with `wm.latents.load_world_model(ckpt_dir)`."""
     import torch
@@ -82,7 +84,8 @@ def write_tiny_world_model(ckpt_dir: Path, latent_size: int = 8, hidden_size: in
 
     vae_path = write_tiny_vae(ckpt_dir, latent_size, seed)
     torch.manual_seed(seed)
-    cfg = MDNRNNConfig(latent_size=latent_size, hidden_size=hidden_size, n_gaussians=2)
+    cfg = MDNRNNConfig(latent_size=latent_size, hidden_size=hidden_size, n_gaussians=2,
+                       action_repeat=action_repeat)
     path = Path(ckpt_dir) / "mdnrnn.pt"
     save_checkpoint(path, {"kind": "mdnrnn", "model": MDNRNN(cfg).state_dict(),
                            "model_args": asdict(cfg), "config": {}, "epoch": 0,
@@ -90,9 +93,11 @@ def write_tiny_world_model(ckpt_dir: Path, latent_size: int = 8, hidden_size: in
     return vae_path, path
 
 
-def write_tiny_controller(ckpt_dir: Path, features: str = "zh", seed: int = 0) -> Path:
+def write_tiny_controller(ckpt_dir: Path, features: str = "zh", seed: int = 0,
+                          action_repeat: int | None = None) -> Path:
     """A random C saved as `ckpt_dir/controller.pt` for the V and M already in
-    `ckpt_dir` (see write_tiny_world_model), as train_controller.py writes it."""
+    `ckpt_dir` (see write_tiny_world_model), as train_controller.py writes it;
+    without `action_repeat`, as it wrote it before that existed."""
     import torch
     from dataclasses import asdict
 
@@ -108,5 +113,6 @@ def write_tiny_controller(ckpt_dir: Path, features: str = "zh", seed: int = 0) -
     path = Path(ckpt_dir) / "controller.pt"
     save_checkpoint(path, {"kind": "controller", "model": controller.state_dict(),
                            "model_args": asdict(cfg), "config": {}, "generation": 0,
-                           "held_out": 0.0, "held_out_std": 0.0, **fingerprints})
+                           "held_out": 0.0, "held_out_std": 0.0, **fingerprints,
+                           **({"action_repeat": action_repeat} if action_repeat is not None else {})})
     return path

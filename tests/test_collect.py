@@ -13,7 +13,7 @@ import pytest
 
 from collect_rollouts import collect_one
 from tests.conftest import ROOT, run_script
-from wm.rollouts import is_complete, read_rollout, rollout_path
+from wm.rollouts import is_complete, read_action_repeat, read_rollout, rollout_path, write_rollout
 
 
 def test_end_to_end_writes_the_schema(tmp_path):
@@ -101,6 +101,7 @@ def test_ctrl_c_leaves_no_half_written_file(tmp_path):
     (["--rollouts", "0"], "--rollouts must be at least 1"),
     (["--max-steps", "-5"], "--max-steps must be at least 1"),
     (["--workers", "0"], "--workers must be at least 1"),
+    (["--action-repeat", "0"], "--action-repeat must be at least 1"),
     (["--policy", "drunk"], "--policy must be one of"),
     (["--out-dir", "{file}"], "is a file"),
     (["--out-dir", "{file}/sub"], "cannot write"),
@@ -113,3 +114,35 @@ def test_bad_input_gets_one_clear_line(tmp_path, args, message):
     assert res.returncode == 2
     assert message in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_action_repeat_keeps_one_row_per_held_action_and_records_k(tmp_path):
+    out = tmp_path / "r"
+    args = ("collect_rollouts.py", "--rollouts", "1", "--max-steps", "30", "--workers", "1",
+            "--out-dir", str(out), "--seed", "3")
+    res = run_script(*args, "--action-repeat", "3")
+    assert res.returncode == 0, res.stderr
+    path = rollout_path(out, 3)
+    d = read_rollout(path)
+    assert len(d["observations"]) == len(d["actions"]) == 10  # 30 frames, 3 a row
+    assert read_action_repeat(path) == 3 and d["truncated"][-1] and not d["truncated"][:-1].any()
+    # Row t is the frame seen before action t, which then drives 3 frames.
+    from wm.env import make_env, step_repeat
+    from wm.frames import preprocess
+    env = make_env(fast=True)
+    obs, _ = env.reset(seed=3)
+    for t in range(3):
+        assert np.array_equal(d["observations"][t], preprocess(obs))
+        obs, reward, *_ = step_repeat(env, d["actions"][t], 3)
+        assert d["rewards"][t] == np.float32(reward)
+    # A k = 1 file has no action_repeat array (it is the file from before the flag) and reads as 1.
+    plain = collect_one(3, 5, "brownian")
+    assert "action_repeat" not in plain
+    write_rollout(tmp_path / "plain.npz", **plain)
+    assert read_action_repeat(tmp_path / "plain.npz") == 1
+    # A rerun with another k neither reuses nor overwrites these rollouts.
+    mtime = path.stat().st_mtime_ns
+    res = run_script(*args)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "collected with --action-repeat 3" in res.stderr and "another --out-dir" in res.stderr
+    assert path.stat().st_mtime_ns == mtime

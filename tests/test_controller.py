@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, write_tiny_world_model
+from conftest import ROOT, run_script, write_tiny_world_model
 
 from models.controller import Controller, ControllerConfig
 from wm.agent import Agent, AgentSpec, EpisodeRunner, load_models, map_episodes, run_episode, run_episodes
@@ -138,6 +138,61 @@ def test_a_batch_of_episodes_scores_exactly_as_each_one_alone(tmp_path, features
     assert batched == alone
     assert max(score for score, _ in batched) > 0  # some car touched new tiles: scores say something
     assert len({round(score, 3) for score, _ in batched}) > 2
+
+
+class HoldsItsAction:
+    """An agent that takes `actions[j]` on every call from the hold * j-th to
+    the next: hold = 2 at action repeat 1 gives the frames what action repeat
+    2 gives them with hold = 1."""
+
+    def __init__(self, actions, hold: int):
+        self.actions, self.hold = actions, hold
+
+    def reset(self, seeds, params=None):
+        self.calls = 0
+
+    def act(self, frames):
+        self.calls += 1
+        return self.actions[(self.calls - 1) // self.hold][None]
+
+    def keep(self, rows):
+        pass
+
+
+def test_action_repeat_counts_frames_and_scores_what_the_same_frames_score():
+    actions = np.array([[np.sin(j / 5), 1.0 if j % 3 else 0.0, 0.0] for j in range(30)], np.float32)
+    runs = {}
+    for k in (1, 2):
+        env = RecordActions(make_env(fast=True, max_steps=41))  # odd: the last agent step is 1 frame
+        runs[k] = run_episodes([env], HoldsItsAction(actions, hold=3 - k), [5], action_repeat=k)[0]
+        runs[k, "frames"] = np.stack(env.actions)
+    np.testing.assert_array_equal(runs[1, "frames"], runs[2, "frames"])  # the same action every frame
+    assert runs[1][1] == runs[2][1] == 41  # frames, not the 21 decisions of k = 2
+    # The same rewards, summed two frames at a time instead of one: equal up to rounding.
+    assert runs[2][0] == pytest.approx(runs[1][0], abs=1e-9) and runs[1][0] > 0
+    # The early stop counts idle frames: a car that stands still is paid for the
+    # start tile on frame 1, then stops at the first agent step that reaches 10
+    # idle frames (11 = 1 + 10; 15 = 3 + 12 at k = 3), charged the frames left:
+    # what it scores standing still to the time limit.
+    still = np.zeros((41, 3), np.float32)
+    (r1, n1), (r3, n3), (r_full, n_full) = (
+        run_episodes([make_env(fast=True, max_steps=41)], HoldsItsAction(still, 1), [5], patience=p,
+                     max_steps=41, action_repeat=k)[0] for k, p in ((1, 10), (3, 10), (1, 0)))
+    assert (n1, n3, n_full) == (11, 15, 41)
+    assert r1 == pytest.approx(r_full) and r3 == pytest.approx(r_full)
+
+
+def test_an_episode_runner_holds_actions_for_its_spec_s_frames():
+    from wm.agent import RandomAgent
+
+    calls = []
+    runner = EpisodeRunner(AgentSpec(max_steps=9, action_repeat=3))  # the random agent, on the fast env
+    act = runner.agent.act
+    runner.agent.act = lambda frames: calls.append(len(frames)) or act(frames)
+    assert isinstance(runner.agent, RandomAgent) and [n for _, n in runner(None, [1, 2])] == [9, 9]
+    assert calls == [2, 2, 2]
+
+
 class ScriptedRewards:
     """A stand-in environment that pays `rewards[t]` at step t (then -0.1), so
     that the early stop's arithmetic can be checked by hand."""
@@ -301,11 +356,43 @@ def test_ctrl_c_stops_the_run_and_its_workers(tmp_path):
     assert [w for w in workers if os.path.exists(f"/proc/{w}")] == []
 
 
+def test_c_acts_at_m_s_rate_and_a_contradicting_flag_is_refused(tmp_path):
+    write_tiny_world_model(tmp_path, action_repeat=3)  # an M that learned every 3rd frame
+    with pytest.raises(UsageError, match="--action-repeat 2 does not match mdnrnn.pt") as e:
+        train_controller.main(Config(ckpt_dir=str(tmp_path), action_repeat=2))
+    assert "\n" not in str(e.value)
+    common = dict(pop_size=2, rollouts_per_member=1, max_steps=30, workers=1, eval_episodes=1)
+    state = train_controller.main(Config(ckpt_dir=str(tmp_path), generations=1, **common))
+    assert state["signature"]["action_repeat"] == 3
+    ckpt = load_checkpoint(tmp_path / "controller.pt", "controller")
+    assert ckpt["action_repeat"] == 3
+    rows = (tmp_path / "controller_metrics.csv").read_text().splitlines()
+    # 2 members and 1 held-out episode of 30 frames (10 agent steps each).
+    assert int(float(rows[1].split(",")[rows[0].split(",").index("frames")])) == (2 + 1) * 30
+    # The same V and M (same fingerprints) relabelled k = 1: its CMA-ES state is not resumed.
+    write_tiny_world_model(tmp_path, action_repeat=1)
+    with pytest.raises(UsageError, match="action_repeat = 3, this run has 1"):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), generations=2, **common))
+
+
+def test_bench_repeat_prints_frames_per_second_for_each_k():
+    import json
+
+    r = run_script("bench.py", "repeat", "--json", "--action-repeat", "1,3", "--steps", "7",
+                   "--batch-size", "2", "--rounds", "1", timeout=240)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["frames_k1"] == result["frames_k3"] == 2 * 7  # frames, the same budget at every k
+    assert result["frames_per_s_k1"] > 0 and result["frames_per_s_k3"] > 0
+    assert result["speedup_k3"] > 0 and result["speedup_cpu_k3"] > 0 and "speedup_k1" not in result
+
+
 @pytest.mark.parametrize("flags, message", [
     (dict(pop_size=1), "--pop-size must be at least 2"),
     (dict(workers=0), "--workers must be at least 1"),
     (dict(features="zz"), "--features must be one of"),
     (dict(sigma0=0.0), "--sigma0 must be positive"),
+    (dict(action_repeat=-1), "--action-repeat must be 0"),
 ])
 def test_bad_flags_get_one_line_errors(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):

@@ -170,6 +170,27 @@ def test_done_ends_an_episode_and_its_reward_stops_counting():
     assert len(coin.zs) == int(coin.lengths.max()) + 1
 
 
+@torch.no_grad()
+def test_a_dream_step_is_m_s_action_repeat_frames(tmp_path):
+    from wm.dream import save_dream_strip
+    from wm.latents import load_world_model
+
+    c = Controller(ControllerConfig(latent_size=Z, hidden_size=H))
+    params = np.zeros((2, c.n_params))
+    for k, max_steps, steps, frames in ((1, 31, 31, 31), (3, 31, 11, 31), (3, 30, 10, 30)):
+        m = tiny_m(action_repeat=k)
+        m.done_head.bias.fill_(-100.0)  # never ends: the time limit does
+        dream = Dream(m, c, torch.randn(3, Z), max_steps=max_steps)
+        assert (dream.run(params, [0, 1]).lengths == steps).all()
+        assert dream(list(params), [0, 1])[1] == 2 * 2 * frames  # frames, the last step cut short
+    # The strip's real episode holds C's actions for M's 3 frames too.
+    write_tiny_world_model(tmp_path, action_repeat=3)
+    world = load_world_model(tmp_path)
+    shown = save_dream_strip(world.vae, world.mdnrnn, c, tmp_path / "strip.png", seed=1, max_steps=30)
+    assert (shown["real_steps"], shown["real_frames"]) == (10, 30) and shown["dream_steps"] <= 10
+    assert max(shown["steps_shown"]) < 10
+
+
 def test_an_m_without_reward_or_done_head_is_refused():
     for kw, missing in (({"predict_done": False}, "done"), ({"predict_reward": False}, "reward")):
         with pytest.raises(UsageError, match=f"no {missing} head.*train_mdnrnn.py --reward-weight 1 --done-weight 1"):

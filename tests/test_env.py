@@ -10,7 +10,7 @@ import pygame
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from wm.env import ENV_ID, FAST_ENV_ID, FastCarRacing, make_env, rotate_like_pygame
+from wm.env import ENV_ID, FAST_ENV_ID, FastCarRacing, make_env, rotate_like_pygame, step_repeat
 from wm.frames import preprocess, to_image, to_model_input
 from wm.policies import BrownianPolicy
 
@@ -72,6 +72,51 @@ def test_pixel_identical_when_a_bar_grows_above_the_dashboard():
     assert fast.unwrapped._bars_leave_dashboard()
     a, b = stock.unwrapped._render("state_pixels"), fast.unwrapped._render("state_pixels")
     assert np.array_equal(a, b)
+
+
+def test_held_actions_skip_unseen_renders_and_match_the_stock_env_frame_by_frame():
+    """The fast twin holding each action for 3 frames (rendering only the 3rd)
+    against the stock env stepped every frame: the same observation every 3rd
+    frame, the same summed rewards, and the same end, here the time limit
+    falling on the first frame of an agent step."""
+    k, limit = 3, 121  # 40 full agent steps, then one frame
+    stock, fast = make_env(fast=False, max_steps=limit), make_env(fast=True, max_steps=limit)
+    a, _ = stock.reset(seed=1)
+    b, _ = fast.reset(seed=1)
+    frames = 0
+    for t in range(100):
+        action = drive_off_the_map(t)
+        reward, n = 0.0, 0
+        while n < k:
+            a, r, term_a, trunc_a, _ = stock.step(action)
+            reward, n = reward + r, n + 1
+            if term_a or trunc_a:
+                break
+        b, total, term_b, trunc_b, n_b = step_repeat(fast, action, k)
+        frames += n_b
+        assert (n_b, total, term_b, trunc_b) == (n, reward, term_a, trunc_a), f"agent step {t}"
+        if term_b or trunc_b:
+            break
+        assert np.array_equal(a, b), f"agent step {t}: {int((a != b).any(-1).sum())} pixels differ"
+    assert (frames, t, trunc_b, n_b) == (limit, 40, True, 1)  # the limit counted frames
+    assert fast.unwrapped.tile_visited_count > 3  # the car went over road tiles (6 of them)
+    assert fast.unwrapped.render_observations  # the next plain step renders again
+
+
+def test_held_action_stops_at_the_frame_that_ends_the_episode():
+    class EndsAtFrame5:
+        def __init__(self):
+            self.t = 0
+
+        def step(self, action):
+            self.t += 1
+            return self.t, 1.0, self.t == 5, False, {}
+
+    env = EndsAtFrame5()
+    assert step_repeat(env, None, 3) == (3, 3.0, False, False, 3)
+    assert step_repeat(env, None, 3) == (5, 2.0, True, False, 2)
+    with pytest.raises(ValueError):
+        step_repeat(env, None, 0)
 
 
 def test_rotation_matches_pygame_including_quarter_turns():

@@ -98,3 +98,17 @@ def test_the_shipped_agent_plays_and_films_on_a_fresh_clone(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["steps"] == 60  # a car that drives stays on the track 60 steps
     assert iio.imread(video, index=None).shape == (30, 144, 384, 3)
+
+
+def test_the_agent_holds_its_actions_as_controller_pt_says(tmp_path):
+    write_tiny_world_model(tmp_path, action_repeat=3)
+    write_tiny_controller(tmp_path, action_repeat=3)
+    video = tmp_path / "k3.gif"
+    result = evaluate.main(Config(ckpt_dir=str(tmp_path), episodes=1, workers=1, max_steps=30,
+                                  video=str(video)))
+    assert result["steps"] == 30  # frames, as at k = 1
+    # 10 decisions in 30 frames, every one filmed (at k = 1 a GIF keeps every other of 30: 15).
+    assert iio.imread(video, index=None).shape[0] == 10
+    assert evaluate.agent_spec(Config(ckpt_dir=str(tmp_path)))[0].action_repeat == 3  # what the workers get
+    write_tiny_controller(tmp_path)  # a controller.pt from before the flag: k = 1
+    assert evaluate.agent_spec(Config(ckpt_dir=str(tmp_path)))[0].action_repeat == 1

@@ -12,7 +12,7 @@ from torch import distributions as D
 
 from conftest import make_synthetic_rollouts, run_script, write_tiny_vae, write_tiny_world_model
 from models import MDNRNN, ConvVAE, MDNOutput, MDNRNNConfig, mdn_loss, sample_next_z
-from wm.checkpoint import load_checkpoint
+from wm.checkpoint import load_checkpoint, save_checkpoint
 from wm.cli import UsageError
 from wm.latents import check_latent_size, encode_rollouts, latent_path, load_world_model
 
@@ -191,6 +191,38 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, synthetic_rollouts)
     fresh = load_checkpoint(tmp_path / "ckpt" / "mdnrnn.pt", "mdnrnn")
     assert fresh["epoch"] == 1 and fresh["vae_fingerprint"] == new_v["fingerprint"]
     assert len((tmp_path / "ckpt" / "mdnrnn_metrics.csv").read_text().splitlines()) == 2
+
+
+def test_m_records_the_rollouts_action_repeat_and_never_mixes_two(tmp_path):
+    from train_mdnrnn import main
+
+    write_tiny_vae(tmp_path / "ckpt")
+    rollouts, m_path = tmp_path / "rollouts", tmp_path / "ckpt" / "mdnrnn.pt"
+    make_synthetic_rollouts(rollouts, steps=40)  # k = 1, as before the flag: no action_repeat array
+    main(tiny_config(tmp_path))
+    assert load_checkpoint(m_path, "mdnrnn")["model_args"]["action_repeat"] == 1
+    # Checkpoints from before the flag have no action_repeat, and mean k = 1: they resume.
+    last_path = tmp_path / "ckpt" / "mdnrnn_last.pt"
+    last = load_checkpoint(last_path, "mdnrnn")
+    del last["model_args"]["action_repeat"]
+    save_checkpoint(last_path, last)
+    assert main(tiny_config(tmp_path, epochs=2))["epoch"] == 2
+    # The same tracks collected again at k = 3 (a third of the rows, same file names): the cached
+    # latents are not reused, and M records k = 3.
+    make_synthetic_rollouts(rollouts, steps=14, action_repeat=3)
+    main(tiny_config(tmp_path, restart=True))
+    assert all(len(np.load(f)["mu"]) == 14 for f in (tmp_path / "latents").glob("*.npz"))
+    assert load_checkpoint(m_path, "mdnrnn")["model_args"]["action_repeat"] == 3
+    assert load_world_model(tmp_path / "ckpt").mdnrnn.cfg.action_repeat == 3
+    # Going on training that M on rollouts of k = 1 is refused ...
+    other = tmp_path / "other"
+    make_synthetic_rollouts(other, steps=40)
+    with pytest.raises(UsageError, match="'action_repeat': 3}, this run asks for .*'action_repeat': 1}"):
+        main(tiny_config(tmp_path, data_dir=str(other), epochs=2))
+    # ... and so is a folder of both.
+    make_synthetic_rollouts(rollouts, n=1, steps=40, seed=10)
+    with pytest.raises(UsageError, match=r"mixes rollouts .*\(1 with --action-repeat 1, 3 with --action-repeat 3\)"):
+        main(tiny_config(tmp_path, restart=True))
 
 
 def test_missing_inputs_name_the_script_that_makes_them(tmp_path, synthetic_rollouts):

@@ -6,7 +6,9 @@ One step, as in the paper:
     frame -> preprocess -> V's mu = z -> C's action from [z, h] -> env.step
                                       \\-> M's cell updates h with (z, action)
 
-z is V's mean, not a sample: C should not see the encoder's noise.
+z is V's mean, not a sample: C should not see the encoder's noise. With an
+action repeat k (the paper: 1) each action is held for k frames and the agent
+sees every k-th frame (`wm.env.step_repeat`); M must have learned that rate.
 
 The loop drives K episodes in lockstep, each in its own environment, so that
 V, M and C run once per time step on a batch of K rows: on one CPU thread V's
@@ -29,7 +31,7 @@ from models.mdnrnn import MDNRNN
 from models.vae import ConvVAE
 from wm.checkpoint import load_checkpoint
 from wm.cli import fail
-from wm.env import make_env
+from wm.env import make_env, step_repeat
 from wm.frames import preprocess, to_model_input
 from wm.latents import load_world_model
 from wm.policies import UniformPolicy
@@ -116,18 +118,23 @@ class RandomAgent:
 
 def run_episodes(envs: Sequence, agent, seeds: Sequence[int], params: np.ndarray | None = None,
                  on_step: Callable[[list, object, list], None] | None = None,
-                 patience: int = 0, max_steps: int = 1000) -> list[tuple[float, int]]:
+                 patience: int = 0, max_steps: int = 1000,
+                 action_repeat: int = 1) -> list[tuple[float, int]]:
     """Drive K = len(seeds) episodes in lockstep, episode i on the track of
     seeds[i] in envs[i] with C weights params[i] (or C's own when None), each
     until it ends or its env's time limit; returns [(total reward, steps)]
-    per episode. An episode that ends leaves the batch, the others go on.
+    per episode, steps counting frames (environment steps), so that budgets
+    compare across action repeats. An episode that ends leaves the batch, the
+    others go on. Each action is held for `action_repeat` frames.
     `on_step(frames, agent, scores)` sees the running episodes' frames and
     scores after their actions are chosen, before they are taken (videos).
 
-    `patience` > 0 (training only) ends an episode after that many steps in a
-    row without a positive reward, and charges it the game's -0.1 for each of
-    the steps left up to `max_steps`, so its total stays on the game's scale
-    (a car that stopped finding new tiles would only have lost those)."""
+    `patience` > 0 (training only) ends an episode after that many frames in
+    a row without a positive reward, and charges it the game's -0.1 for each
+    of the frames left up to `max_steps`, so its total stays on the game's
+    scale (a car that stopped finding new tiles would only have lost those).
+    A held action that finds a tile has a positive sum (a tile pays about 3),
+    so idle frames are counted whole agent steps at a time."""
     envs = list(envs)[:len(seeds)]
     if len(envs) < len(seeds):
         raise ValueError(f"{len(seeds)} episodes need {len(seeds)} environments, got {len(envs)}")
@@ -135,17 +142,17 @@ def run_episodes(envs: Sequence, agent, seeds: Sequence[int], params: np.ndarray
     agent.reset(seeds, params)
     totals, steps = [0.0] * len(seeds), [0] * len(seeds)
     running = list(range(len(seeds)))  # episode of each row of the agent's batch
-    idle = [0] * len(seeds)  # steps since the last positive reward
+    idle = [0] * len(seeds)  # frames since the last positive reward
     while running:
         actions = agent.act(np.stack([frames[i] for i in running]))  # (k, 3)
         if on_step is not None:
             on_step([frames[i] for i in running], agent, [totals[i] for i in running])
         go_on = []
         for row, (i, action) in enumerate(zip(running, actions)):
-            frames[i], reward, terminated, truncated, _ = envs[i].step(action)
+            frames[i], reward, terminated, truncated, n = step_repeat(envs[i], action, action_repeat)
             totals[i] += float(reward)
-            steps[i] += 1
-            idle[i] = 0 if reward > 0 else idle[i] + 1
+            steps[i] += n
+            idle[i] = 0 if reward > 0 else idle[i] + n
             if patience and idle[i] >= patience and not (terminated or truncated):
                 totals[i] -= 0.1 * max(0, max_steps - steps[i])
                 terminated = True
@@ -159,11 +166,12 @@ def run_episodes(envs: Sequence, agent, seeds: Sequence[int], params: np.ndarray
 
 
 def run_episode(env, agent, seed: int,
-                on_step: Callable[[np.ndarray, object, float], None] | None = None) -> tuple[float, int]:
+                on_step: Callable[[np.ndarray, object, float], None] | None = None,
+                action_repeat: int = 1) -> tuple[float, int]:
     """One episode, with C's own weights: `run_episodes` for K = 1;
     `on_step(frame, agent, score)` (for videos)."""
     step = None if on_step is None else (lambda frames, agent, scores: on_step(frames[0], agent, scores[0]))
-    return run_episodes([env], agent, [seed], on_step=step)[0]
+    return run_episodes([env], agent, [seed], on_step=step, action_repeat=action_repeat)[0]
 
 
 def load_models(ckpt_dir: str | Path, with_m: bool, device: torch.device | str = "cpu"):
@@ -194,7 +202,8 @@ class AgentSpec:
     ckpt_dir: str | None = None  # folder of vae.pt (and mdnrnn.pt); None gives the random baseline
     controller: dict | None = None  # ControllerConfig fields
     fast: bool = True  # the fast twin (training) or the official env (evaluation)
-    max_steps: int = 1000  # time limit of an episode (the paper: 1000)
+    max_steps: int = 1000  # time limit of an episode, in frames (the paper: 1000)
+    action_repeat: int = 1  # frames each action is held (the paper: 1); M's rate when C reads h
 
 
 def build_agent(spec: AgentSpec, device: torch.device | str = "cpu"):
@@ -223,7 +232,7 @@ class EpisodeRunner:
         while len(self.envs) < len(seeds):
             self.envs.append(make_env(fast=self.spec.fast, max_steps=self.spec.max_steps))
         return run_episodes(self.envs, self.agent, seeds, params, patience=patience,
-                            max_steps=self.spec.max_steps)
+                            max_steps=self.spec.max_steps, action_repeat=self.spec.action_repeat)
 
 
 def map_episodes(pool, tasks: Sequence[tuple[np.ndarray | None, int]], batch_size: int,

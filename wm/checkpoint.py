@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,8 +99,10 @@ def resume_training(path: str | os.PathLike, kind: str, model: torch.nn.Module,
     ckpt = load_checkpoint(path, kind=kind)
     if check is not None:
         check(ckpt)
-    if ckpt["model_args"] != model_args:
-        raise fail(f"{path} was trained with {ckpt['model_args']}, this run asks for {model_args}; "
+    # Read as the model reads them: a field added since it was saved has its default.
+    saved = asdict(type(model.cfg)(**ckpt["model_args"]))
+    if saved != model_args:
+        raise fail(f"{path} was trained with {saved}, this run asks for {model_args}; "
                    f"pass --restart to start over, or match its settings")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])

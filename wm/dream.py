@@ -5,13 +5,16 @@ A dream episode starts, like a real one, from the first frame of an episode
 memory at zero. Each step C reads [z, h] and acts, M's one-step cell
 advances (h, c), the next z is sampled from M's mixture at temperature tau,
 and M's heads give the reward and whether the episode ends (a Bernoulli draw
-from the done head). An episode runs until done or `max_steps`; the step
-that ends it still counts, as in the real game (leaving the field costs
--100 on that step), and nothing after it does.
+from the done head). An episode runs until done or `max_steps` frames; the
+step that ends it still counts, as in the real game (leaving the field costs
+-100 on that step), and nothing after it does. An M that learned every k-th
+frame (rollouts collected with an action repeat k) makes one dream step k
+frames, so a dream runs ceil(max_steps / k) steps, the agent steps of a real
+episode of max_steps frames.
 
 Every (member, rollout) pair is one row of one batch: C's weights for all
 members are a (P, n_params) matrix applied with one batched matmul, and M
-steps all P * R rows in one call, so a generation is `max_steps` batched
+steps all P * R rows in one call, so a generation is at most that many batched
 steps and no Python loop over members. Finished rows keep being computed
 (the batch stays rectangular) but stop counting.
 
@@ -105,9 +108,10 @@ class Dream:
     """M as a batched environment for a population of controllers.
 
     `controller` gives C's structure (its own weights are not used); `starts`
-    (N, Z) are the start states to draw from. `bf16` runs the matrix products
-    in bfloat16 (autocast; M's memory stays float32): about 3x faster on a CPU
-    with bf16 instructions, at about 3 significant digits in M's outputs.
+    (N, Z) are the start states to draw from; `max_steps` is in frames. `bf16`
+    runs the matrix products in bfloat16 (autocast; M's memory stays float32):
+    about 3x faster on a CPU with bf16 instructions, at about 3 significant
+    digits in M's outputs.
     """
 
     def __init__(self, mdnrnn: MDNRNN, controller: Controller, starts: torch.Tensor,
@@ -121,7 +125,9 @@ class Dream:
         self.controller = copy.deepcopy(controller).to(self.device)  # for its structure only
         self.starts = starts.to(self.device, torch.float32)  # (N, Z)
         self.temperature = temperature
-        self.max_steps = max_steps
+        self.action_repeat = mdnrnn.cfg.action_repeat  # frames per dream step
+        self.max_frames = max_steps
+        self.max_dream_steps = -(-max_steps // self.action_repeat)  # the last one may be cut short
         self.bf16 = bf16
 
     def start_indices(self, seeds: list[int]) -> list[int]:
@@ -154,7 +160,7 @@ class Dream:
         lengths = torch.zeros(P, R, dtype=torch.long, device=dev)
         alive = torch.ones(P, R, dtype=torch.bool, device=dev)
         zs = [z] if record else None
-        for _ in range(self.max_steps):
+        for _ in range(self.max_dream_steps):
             a = self.controller.forward_population(params, z, state[0].view(P, R, H))  # (P, R, A)
             out, state = m.step(z.reshape(P * R, Z), a.reshape(P * R, -1), state)
             out = MDNOutput(*(x.unflatten(0, (P, R)) for x in out))  # (P, R, ...)
@@ -174,9 +180,11 @@ class Dream:
 
     def __call__(self, solutions: list[np.ndarray], seeds: list[int]) -> tuple[np.ndarray, int]:
         """The fitness interface of train_controller.py: -> (mean dreamed
-        reward per member (P,), dream steps that counted)."""
+        reward per member (P,), frames dreamed that counted: k per dream step,
+        as the real game counts its frames)."""
         result = self.run(np.stack(solutions), seeds)
-        return result.returns.mean(1).cpu().numpy().astype(np.float64), int(result.lengths.sum())
+        frames = (result.lengths * self.action_repeat).clamp(max=self.max_frames)
+        return result.returns.mean(1).cpu().numpy().astype(np.float64), int(frames.sum())
 
 
 @torch.no_grad()
@@ -185,8 +193,9 @@ def save_dream_strip(vae, mdnrnn: MDNRNN, controller: Controller, png: str | os.
                      n_frames: int = 12) -> dict:
     """One episode of `controller` in the real game beside its dream from the
     same first frame, as a PNG strip: real frames (as V sees them), V's
-    reconstructions of them, and M's dream decoded by V, at the same steps.
-    Returns the real score and the dreamed return."""
+    reconstructions of them, and M's dream decoded by V, at the same agent
+    steps (M's action repeat frames each; `max_steps` is in frames). Returns
+    the real score and the dreamed return."""
     from wm.agent import Agent, run_episode
     from wm.env import make_env
     from wm.frames import preprocess, to_image, to_model_input
@@ -204,9 +213,10 @@ def save_dream_strip(vae, mdnrnn: MDNRNN, controller: Controller, png: str | os.
 
     env = make_env(fast=True, max_steps=max_steps)
     try:
-        score, steps = run_episode(env, agent, seed, on_step)
+        score, real_frames = run_episode(env, agent, seed, on_step, mdnrnn.cfg.action_repeat)
     finally:
         env.close()
+    steps = len(frames)  # agent steps, as the dream counts them
     dream = Dream(mdnrnn, controller, first_z[0], temperature, max_steps, device)
     result = dream.run(controller.get_flat()[None], [seed], z0=first_z[0], record=True)
     length = int(result.lengths[0, 0])
@@ -222,7 +232,7 @@ def save_dream_strip(vae, mdnrnn: MDNRNN, controller: Controller, png: str | os.
     dream_return = float(result.returns[0, 0])
     image_grid([real, recon, dreamed], png, labels=[f"real {score:.0f}", "V recon",
                                                     f"dream {dream_return:.0f}"])
-    return {"real_score": score, "real_steps": steps, "dream_return": dream_return,
+    return {"real_score": score, "real_steps": steps, "real_frames": real_frames, "dream_return": dream_return,
             "dream_steps": length, "steps_shown": at.tolist()}
 
 

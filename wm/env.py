@@ -29,6 +29,12 @@ times faster, because rendering is about 97% of a stock step:
 * The surfaces are reused, and the car's vertices are transformed in one pass.
 * The score font is built once instead of every frame, and the rendered score
   text is cached by its string.
+
+Holding an action for k frames (`step_repeat`, the `--action-repeat` of the
+scripts): the game's state does not depend on rendering, so on the fast twin
+the k - 1 frames the agent never sees skip it (`render_observations`), and an
+agent step costs about one render instead of k. On the stock environment every
+frame is stepped as it comes.
 """
 
 from __future__ import annotations
@@ -91,6 +97,9 @@ class FastCarRacing(CarRacing):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # False: step() leaves the observation as it was, unrendered (frames
+        # the agent never sees; see step_repeat).
+        self.render_observations = True
         self._font = None
         self._text_cache: dict[str, pygame.Surface] = {}
         self._road_key = None
@@ -191,6 +200,8 @@ class FastCarRacing(CarRacing):
     def _render(self, mode: str):
         # The stock _render, with the score font built once and its text cached.
         assert mode in self.metadata["render_modes"]
+        if mode == "state_pixels" and not self.render_observations:
+            return self.state.copy()  # stock step() stores it back: the last rendered observation
         pygame.font.init()
         if self.screen is None and mode == "human":
             pygame.display.init()
@@ -354,6 +365,35 @@ _WINDOW_CORNERS = [(-4.0, -4.0), (cr.WINDOW_W + 4.0, -4.0),
 
 gym.register(id=FAST_ENV_ID, entry_point=FastCarRacing, max_episode_steps=MAX_EPISODE_STEPS,
              reward_threshold=900)
+
+
+def step_repeat(env: gym.Env, action, k: int = 1) -> tuple[np.ndarray, float, bool, bool, int]:
+    """One agent step: `action` held for up to k frames -> (observation,
+    summed reward, terminated, truncated, frames stepped).
+
+    It stops early at a frame that ends the episode (the time limit of
+    make_env counts frames). On the fast twin only the k-th frame is rendered;
+    an episode that ends on an earlier frame returns the last rendered
+    observation, up to k - 1 frames old (nothing reads the frame after an
+    episode's last step: rollouts store the frame seen before each action,
+    and the agent loop drops an ended episode). k = 1 is env.step itself."""
+    if k < 1:
+        raise ValueError(f"an action is held for at least 1 frame, got {k}")
+    game = getattr(env, "unwrapped", env)  # test stand-ins may be bare
+    fast = isinstance(game, FastCarRacing)
+    total = 0.0
+    try:
+        for n in range(1, k + 1):
+            if fast:
+                game.render_observations = n == k
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += reward
+            if terminated or truncated:
+                break
+    finally:
+        if fast:
+            game.render_observations = True
+    return obs, total, terminated, truncated, n
 
 
 def make_env(fast: bool = True, render_mode: str | None = None,

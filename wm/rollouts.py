@@ -6,6 +6,9 @@ Schema (T = number of steps):
     rewards       float32 (T,)            reward for action t
     terminated    bool    (T,)
     truncated     bool    (T,)
+    action_repeat int64   ()              frames each action was held, k (the reward
+                                          sums all k); only when k > 1: a file
+                                          without it, old or new, has k = 1
 """
 
 from __future__ import annotations
@@ -71,6 +74,27 @@ def read_rollout(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if data["actions"].shape != (T, 3) or any(len(data[k]) != T for k in KEYS[2:]):
         raise BadRollout(f"{path}: arrays of different lengths")
     return data
+
+
+def read_action_repeat(path: str | os.PathLike) -> int:
+    """The k a rollout was collected with (1 for files without it); only that
+    array is decompressed. BadRollout if the file is unreadable."""
+    try:
+        with np.load(path) as f:
+            return int(f["action_repeat"]) if "action_repeat" in f.files else 1
+    except NPZ_ERRORS as e:
+        raise BadRollout(f"{path}: unreadable rollout ({type(e).__name__}: {e})") from None
+
+
+def action_repeats(files: list[Path]) -> dict[int, list[Path]]:
+    """{k: the readable rollouts of `files` collected with that k}."""
+    found: dict[int, list[Path]] = {}
+    for path in files:
+        try:
+            found.setdefault(read_action_repeat(path), []).append(path)
+        except BadRollout:
+            pass  # the stages redo or skip unreadable files themselves
+    return found
 
 
 def array_headers(path: str | os.PathLike, keys=KEYS) -> dict[str, tuple[tuple, np.dtype]]:
