@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -177,7 +178,7 @@ def test_action_repeat_counts_frames_and_scores_what_the_same_frames_score():
     still = np.zeros((41, 3), np.float32)
     (r1, n1), (r3, n3), (r_full, n_full) = (
         run_episodes([make_env(fast=True, max_steps=41)], HoldsItsAction(still, 1), [5], patience=p,
-                     max_steps=41, action_repeat=k)[0] for k, p in ((1, 10), (3, 10), (1, 0)))
+                     action_repeat=k)[0] for k, p in ((1, 10), (3, 10), (1, 0)))
     assert (n1, n3, n_full) == (11, 15, 41)
     assert r1 == pytest.approx(r_full) and r3 == pytest.approx(r_full)
 
@@ -199,6 +200,7 @@ class ScriptedRewards:
 
     def __init__(self, rewards, max_steps=100):
         self.rewards, self.max_steps = rewards, max_steps
+        self.spec = SimpleNamespace(max_episode_steps=max_steps)  # the time limit, as gym.make records it
 
     def reset(self, seed=None):
         self.t = 0
@@ -217,7 +219,7 @@ def test_early_stop_ends_idle_episodes_and_charges_the_steps_left():
     pay0 = [3.0] * 5
     pay1 = [-0.1] * 14 + [3.0]
     envs = [ScriptedRewards(pay0), ScriptedRewards(pay1)]
-    (r0, n0), (r1, n1) = run_episodes(envs, RandomAgent(), [0, 1], patience=20, max_steps=100)
+    (r0, n0), (r1, n1) = run_episodes(envs, RandomAgent(), [0, 1], patience=20)
     assert n0 == 25 and r0 == pytest.approx(15.0 - 0.1 * 20 - 0.1 * 75)
     assert n1 == 35 and r1 == pytest.approx(3.0 - 0.1 * 14 - 0.1 * 20 - 0.1 * 65)
     # Without patience the same episodes run to the time limit, and a stopped

@@ -118,8 +118,7 @@ class RandomAgent:
 
 def run_episodes(envs: Sequence, agent, seeds: Sequence[int], params: np.ndarray | None = None,
                  on_step: Callable[[list, object, list], None] | None = None,
-                 patience: int = 0, max_steps: int = 1000,
-                 action_repeat: int = 1) -> list[tuple[float, int]]:
+                 patience: int = 0, action_repeat: int = 1) -> list[tuple[float, int]]:
     """Drive K = len(seeds) episodes in lockstep, episode i on the track of
     seeds[i] in envs[i] with C weights params[i] (or C's own when None), each
     until it ends or its env's time limit; returns [(total reward, steps)]
@@ -131,7 +130,7 @@ def run_episodes(envs: Sequence, agent, seeds: Sequence[int], params: np.ndarray
 
     `patience` > 0 (training only) ends an episode after that many frames in
     a row without a positive reward, and charges it the game's -0.1 for each
-    of the frames left up to `max_steps`, so its total stays on the game's
+    of the frames left up to its env's time limit, so its total stays on the game's
     scale (a car that stopped finding new tiles would only have lost those).
     A held action that finds a tile has a positive sum (a tile pays about 3),
     so idle frames are counted whole agent steps at a time."""
@@ -154,7 +153,7 @@ def run_episodes(envs: Sequence, agent, seeds: Sequence[int], params: np.ndarray
             steps[i] += n
             idle[i] = 0 if reward > 0 else idle[i] + n
             if patience and idle[i] >= patience and not (terminated or truncated):
-                totals[i] -= 0.1 * max(0, max_steps - steps[i])
+                totals[i] -= 0.1 * max(0, envs[i].spec.max_episode_steps - steps[i])
                 terminated = True
             if not (terminated or truncated):
                 go_on.append(row)
@@ -232,7 +231,7 @@ class EpisodeRunner:
         while len(self.envs) < len(seeds):
             self.envs.append(make_env(fast=self.spec.fast, max_steps=self.spec.max_steps))
         return run_episodes(self.envs, self.agent, seeds, params, patience=patience,
-                            max_steps=self.spec.max_steps, action_repeat=self.spec.action_repeat)
+                            action_repeat=self.spec.action_repeat)
 
 
 def map_episodes(pool, tasks: Sequence[tuple[np.ndarray | None, int]], batch_size: int,
