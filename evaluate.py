@@ -139,12 +139,13 @@ def interquartile_mean(scores: list[float]) -> tuple[float, tuple[float, float]]
     summary that rliable recommends and lucid-dream-racer reports."""
     from scipy import stats
 
+    x = np.asarray(scores, dtype=np.float64)
     iqm = lambda x, axis=-1: stats.trim_mean(x, 0.25, axis=axis)  # noqa: E731
-    if len(scores) < 2 or np.ptp(scores) == 0:  # no spread, nothing to resample
-        return float(iqm(np.asarray(scores))), (float(np.min(scores)), float(np.max(scores)))
-    ci = stats.bootstrap((np.asarray(scores),), iqm, n_resamples=10_000, confidence_level=0.95,
+    if len(x) < 2 or np.ptp(x) == 0:  # no spread, nothing to resample
+        return float(iqm(x)), (float(x.min()), float(x.max()))
+    ci = stats.bootstrap((x,), iqm, n_resamples=10_000, confidence_level=0.95,
                          rng=np.random.default_rng(0)).confidence_interval
-    return float(iqm(np.asarray(scores))), (float(ci.low), float(ci.high))
+    return float(iqm(x)), (float(ci.low), float(ci.high))
 
 
 def main(cfg: Config) -> dict:
