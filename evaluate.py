@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from models.controller import Controller
-from wm.agent import (AgentSpec, EpisodeRunner, build_agent, check_controller, load_models, map_episodes,
+from wm.agent import (AgentSpec, EpisodeRunner, build_agent, check_trained_with, load_models, map_episodes,
                       run_episode, run_episodes)
 from wm.checkpoint import load_checkpoint
 from wm.cli import fail, resolve_device, run_main
@@ -72,7 +72,7 @@ def agent_spec(cfg: Config) -> tuple[AgentSpec, np.ndarray | None]:
     ckpt = load_checkpoint(path, kind="controller")
     controller = Controller.from_checkpoint(ckpt)
     _, _, fingerprints = load_models(cfg.ckpt_dir, controller.uses_memory)
-    check_controller(ckpt, path, fingerprints)
+    check_trained_with(ckpt, path, fingerprints)
     spec.action_repeat = ckpt.get("action_repeat", 1)  # the frames each action was held in training
     held = f", each action held {spec.action_repeat} frames" if spec.action_repeat != 1 else ""
     print(f"C: {controller.cfg.features}, {controller.n_params} parameters, generation "

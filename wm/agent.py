@@ -185,13 +185,14 @@ def load_models(ckpt_dir: str | Path, with_m: bool, device: torch.device | str =
     return vae, None, {"vae_fingerprint": ckpt["fingerprint"], "mdnrnn_fingerprint": None}
 
 
-def check_controller(ckpt: dict, path, fingerprints: dict) -> None:
-    """Raise one clear line when C was trained with another V or M."""
-    for name, script in (("vae", "train_vae.py"), ("mdnrnn", "train_mdnrnn.py")):
+def check_trained_with(record: dict, path, fingerprints: dict, script: str = "train_controller.py") -> None:
+    """Raise one clear line when the policy in `path` (C, or a PPO run that
+    `script` made) was trained with another V or M than `fingerprints`."""
+    for name in ("vae", "mdnrnn"):
         key = f"{name}_fingerprint"
-        if ckpt.get(key) != fingerprints[key]:
-            raise fail(f"{path} was trained with another {name}.pt (fingerprint {ckpt.get(key)}, "
-                       f"this one is {fingerprints[key]}); retrain it with train_controller.py, "
+        if record.get(key) != fingerprints[key]:
+            raise fail(f"{path} was trained with another {name}.pt (fingerprint {record.get(key)}, "
+                       f"this one is {fingerprints[key]}); retrain it with {script}, "
                        f"or bring back the {name}.pt it was trained with")
 
 
