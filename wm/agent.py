@@ -204,12 +204,17 @@ class AgentSpec:
     fast: bool = True  # the fast twin (training) or the official env (evaluation)
     max_steps: int = 1000  # time limit of an episode, in frames (the paper: 1000)
     action_repeat: int = 1  # frames each action is held (the paper: 1); M's rate when C reads h
+    ppo: bool = False  # ckpt_dir is a train_ppo.py run folder: its policy, and the V and M it reads
 
 
 def build_agent(spec: AgentSpec, device: torch.device | str = "cpu"):
     """The agent of `spec`, C's weights left at their initial values."""
     if spec.ckpt_dir is None:
         return RandomAgent()
+    if spec.ppo:
+        from wm.ppo import PPOAgent  # here: stable-baselines3 only for the baselines
+
+        return PPOAgent.load(spec.ckpt_dir, device)
     controller = Controller(ControllerConfig(**spec.controller))
     vae, mdnrnn, _ = load_models(spec.ckpt_dir, controller.uses_memory, device)
     return Agent(vae, controller, mdnrnn, device)
