@@ -1,5 +1,5 @@
 """The PPO baselines: train_ppo.py's three arms, what each policy sees
-(wm/ppo.py), and scoring with evaluate.py --policy ppo."""
+(wm/ppo.py), scoring with evaluate.py --policy ppo, and compare_ppo.py."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, start_script, write_tiny_world_model
+from conftest import ROOT, run_script, start_script, write_tiny_world_model
 from PIL import Image
 
+import compare_ppo
 import evaluate
 import train_ppo
 from models import MDNRNN, ConvVAE
@@ -179,3 +180,28 @@ def test_evaluate_scores_a_run_on_the_official_env(runs, tmp_path, monkeypatch):
     (other / "run.json").write_text(json.dumps({**run, "vae_fingerprint": "0123"}))
     with pytest.raises(UsageError, match="trained with another vae.pt .* retrain it with train_ppo.py"):
         evaluate.main(evaluate.Config(policy="ppo", ckpt_dir=str(other), episodes=1, workers=1))
+
+
+def test_compare_draws_every_arm_and_pools_the_seeds_scores(runs, tmp_path):
+    out = tmp_path / "ppo"
+    shutil.copytree(runs[0], out)
+    shutil.copytree(out / "z" / "seed0", out / "z" / "seed1")
+    for seed, scores in ((0, [10.0, 20.0]), (1, [30.0, 60.0])):
+        (out / "z" / f"seed{seed}" / "scores.json").write_text(json.dumps(
+            {"scores": scores, "mean": float(np.mean(scores))}))
+    csv = ROOT / "checkpoints" / "pretrained" / "controller_metrics.csv"
+    text = compare_ppo.main(compare_ppo.Config(runs_dir=str(out), cmaes=f"zh={csv}", out=str(tmp_path / "c")))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[2:]}
+    assert set(rows) == {"PPO on pixels (CNN)", "PPO on z", "PPO on [z, h]", "CMA-ES on [z, h]"}
+    assert "to be run" in rows["PPO on pixels (CNN)"]
+    assert "| 2 | 128 / 128 | 30.0 ± 18.7 |" in rows["PPO on z"]  # 4 episodes pooled: the std of 10, 20, 30, 60
+    assert "739.0 ± 150.7" in rows["CMA-ES on [z, h]"]  # the shipped scores.json beside the CSV
+    assert (tmp_path / "c.png").stat().st_size > 10_000 and (tmp_path / "c.md").read_text() == text
+
+
+def test_curves_average_seeds_where_all_have_data():
+    assert compare_ppo.rolling_mean(np.array([1.0, 3.0, 5.0, 7.0]), 2).tolist() == [1.0, 2.0, 4.0, 6.0]
+    x, mean, low, high = compare_ppo.band([(np.array([0.0, 10.0]), np.array([0.0, 10.0])),
+                                           (np.array([5.0, 20.0]), np.array([5.0, 5.0]))], points=3)
+    assert x.tolist() == [5.0, 7.5, 10.0] and mean.tolist() == [5.0, 6.25, 7.5]
+    assert low.tolist() == [5.0, 5.0, 5.0] and high.tolist() == [5.0, 7.5, 10.0]
