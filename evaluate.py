@@ -11,6 +11,8 @@ the running score, so a person sees at once what the agent sees.
 
 The agent holds each action for the frames that controller.pt records (its
 action repeat; 1 for files from before it, and for the random baseline).
+--policy ppo scores a PPO baseline instead: --ckpt-dir is one of train_ppo.py's
+run folders, which records the arm, its V and M, and the frame skip.
 
 usage: python evaluate.py --ckpt-dir checkpoints --episodes 100 --json scores.json --video drive.mp4
 """
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from models.controller import Controller
-from wm.agent import (AgentSpec, EpisodeRunner, build_agent, check_controller, load_models, map_episodes,
+from wm.agent import (AgentSpec, EpisodeRunner, build_agent, check_trained_with, load_models, map_episodes,
                       run_episode, run_episodes)
 from wm.checkpoint import load_checkpoint
 from wm.cli import fail, resolve_device, run_main
@@ -38,8 +40,8 @@ from wm.pool import WorkerError, WorkerPool
 
 @dataclass
 class Config:
-    ckpt_dir: str = "checkpoints"  # folder of controller.pt, vae.pt and mdnrnn.pt
-    policy: str = "agent"  # agent (V, M and C), or random: the baseline, needs no checkpoints
+    ckpt_dir: str = "checkpoints"  # folder of controller.pt, vae.pt and mdnrnn.pt, or a train_ppo.py run folder
+    policy: str = "agent"  # agent (V, M and C), random (the baseline, needs no checkpoints) or ppo (a PPO baseline)
     episodes: int = 100  # episodes, one track each (the paper: 100)
     seed: int = 0  # episode i drives the track of seed + i
     workers: int = os.cpu_count() or 1  # worker processes; 1 runs everything in this process
@@ -52,8 +54,8 @@ class Config:
 
 
 def check_config(cfg: Config) -> None:
-    if cfg.policy not in ("agent", "random"):
-        raise fail(f"--policy must be agent or random, got {cfg.policy!r}")
+    if cfg.policy not in ("agent", "random", "ppo"):
+        raise fail(f"--policy must be agent, random or ppo, got {cfg.policy!r}")
     if cfg.render not in ("none", "human"):
         raise fail(f"--render must be none or human, got {cfg.render!r}")
     for name in ("episodes", "workers", "batch_size", "max_steps"):
@@ -68,11 +70,20 @@ def agent_spec(cfg: Config) -> tuple[AgentSpec, np.ndarray | None]:
     spec = AgentSpec(fast=False, max_steps=cfg.max_steps)  # the official environment
     if cfg.policy == "random":
         return spec, None
+    if cfg.policy == "ppo":  # the run records its arm, V and M, and the frames each action is held
+        from wm.ppo import read_run
+
+        run = read_run(cfg.ckpt_dir)
+        spec.ckpt_dir, spec.ppo, spec.action_repeat = str(cfg.ckpt_dir), True, run["frame_skip"]
+        build_agent(spec)  # a run trained on another V or M is refused here, before any worker starts
+        print(f"PPO on {run['arm']}, seed {run['seed']}, {run['frames_trained']:,} frames of training, "
+              f"each action held {run['frame_skip']} frames")
+        return spec, None
     path = Path(cfg.ckpt_dir) / "controller.pt"
     ckpt = load_checkpoint(path, kind="controller")
     controller = Controller.from_checkpoint(ckpt)
     _, _, fingerprints = load_models(cfg.ckpt_dir, controller.uses_memory)
-    check_controller(ckpt, path, fingerprints)
+    check_trained_with(ckpt, path, fingerprints)
     spec.action_repeat = ckpt.get("action_repeat", 1)  # the frames each action was held in training
     held = f", each action held {spec.action_repeat} frames" if spec.action_repeat != 1 else ""
     print(f"C: {controller.cfg.features}, {controller.n_params} parameters, generation "

@@ -51,9 +51,22 @@ def run_script(*args: str, timeout: float = 300, cwd: Path = ROOT):
     """Run a repository script as a user would, return the CompletedProcess."""
     import subprocess
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=_script_env(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def start_script(*args: str, cwd: Path = ROOT, env: dict | None = None):
+    """Start a repository script as run_script does, with `env` added to its
+    environment, without waiting for it: the Popen's communicate() gives its
+    (stdout, stderr)."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env={**_script_env(), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _script_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def write_tiny_vae(ckpt_dir: Path, latent_size: int = 8, seed: int = 0) -> Path:

@@ -67,5 +67,9 @@ def test_metrics_log_resume_drops_redone_epochs(tmp_path):
     log.append({"epoch": 3, "loss": 1.5, "extra": 1})
     rows = log.rows()
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and rows[-1]["extra"] == "1"
+    log.extend([{"epoch": 4, "loss": 1.0}, {"epoch": 5, "loss": 0.5, "more": 2}])  # one rewrite
+    rows = log.rows()
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["more"] for r in rows] == ["", "", "", "", "2"] and rows[2]["extra"] == "1"
     log.plot(tmp_path / "m.png", ["loss"])
     assert (tmp_path / "m.png").stat().st_size > 1000

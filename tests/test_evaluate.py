@@ -78,7 +78,8 @@ def test_controller_trained_on_another_v_is_refused(tmp_path):
     (dict(episodes=0), "--episodes must be at least 1"),
     (dict(render="window"), "--render must be none or human"),
     (dict(video="x.avi"), "--video must end in .gif or .mp4"),
-    (dict(policy="best"), "--policy must be agent or random"),
+    (dict(policy="best"), "--policy must be agent, random or ppo"),
+    (dict(policy="ppo"), "ppo_last.zip not found; run train_ppo.py first"),
 ])
 def test_bad_input_gets_one_line_errors(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):

@@ -185,13 +185,14 @@ def load_models(ckpt_dir: str | Path, with_m: bool, device: torch.device | str =
     return vae, None, {"vae_fingerprint": ckpt["fingerprint"], "mdnrnn_fingerprint": None}
 
 
-def check_controller(ckpt: dict, path, fingerprints: dict) -> None:
-    """Raise one clear line when C was trained with another V or M."""
-    for name, script in (("vae", "train_vae.py"), ("mdnrnn", "train_mdnrnn.py")):
+def check_trained_with(record: dict, path, fingerprints: dict, script: str = "train_controller.py") -> None:
+    """Raise one clear line when the policy in `path` (C, or a PPO run that
+    `script` made) was trained with another V or M than `fingerprints`."""
+    for name in ("vae", "mdnrnn"):
         key = f"{name}_fingerprint"
-        if ckpt.get(key) != fingerprints[key]:
-            raise fail(f"{path} was trained with another {name}.pt (fingerprint {ckpt.get(key)}, "
-                       f"this one is {fingerprints[key]}); retrain it with train_controller.py, "
+        if record.get(key) != fingerprints[key]:
+            raise fail(f"{path} was trained with another {name}.pt (fingerprint {record.get(key)}, "
+                       f"this one is {fingerprints[key]}); retrain it with {script}, "
                        f"or bring back the {name}.pt it was trained with")
 
 
@@ -203,12 +204,17 @@ class AgentSpec:
     fast: bool = True  # the fast twin (training) or the official env (evaluation)
     max_steps: int = 1000  # time limit of an episode, in frames (the paper: 1000)
     action_repeat: int = 1  # frames each action is held (the paper: 1); M's rate when C reads h
+    ppo: bool = False  # ckpt_dir is a train_ppo.py run folder: its policy, and the V and M it reads
 
 
 def build_agent(spec: AgentSpec, device: torch.device | str = "cpu"):
     """The agent of `spec`, C's weights left at their initial values."""
     if spec.ckpt_dir is None:
         return RandomAgent()
+    if spec.ppo:
+        from wm.ppo import PPOAgent  # here: stable-baselines3 only for the baselines
+
+        return PPOAgent.load(spec.ckpt_dir, device)
     controller = Controller(ControllerConfig(**spec.controller))
     vae, mdnrnn, _ = load_models(spec.ckpt_dir, controller.uses_memory, device)
     return Agent(vae, controller, mdnrnn, device)

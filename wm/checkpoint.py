@@ -46,13 +46,20 @@ def state_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Write atomically: a temporary file in the same folder, then a rename, so a
     kill at any moment leaves the previous checkpoint whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if "model" in payload:
         payload = {**payload, "fingerprint": state_fingerprint(payload["model"])}
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` writes the file under a temporary name in the same folder,
+    which is then renamed to `path`: a kill at any moment leaves the previous
+    file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(payload, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -29,6 +29,13 @@ def preprocess(frame: np.ndarray) -> np.ndarray:
     return np.array(view.resize((FRAME_SIZE, FRAME_SIZE), Image.BILINEAR))  # writable, for torch
 
 
+def to_grey(frames: np.ndarray) -> np.ndarray:
+    """(..., H, W, 3) uint8 frames -> (..., H, W) uint8 luma, with the weights
+    and the rounding down of gymnasium's GrayscaleObservation (the input of
+    rl-baselines3-zoo's CarRacing agents)."""
+    return np.sum(np.multiply(frames, np.array([0.2125, 0.7154, 0.0721])), axis=-1).astype(np.uint8)
+
+
 def to_model_input(frames: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """(..., 64, 64, 3) uint8 frames -> (..., 3, 64, 64) float in [0, 1] on `device`.
 

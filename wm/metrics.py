@@ -35,11 +35,18 @@ class MetricsLog:
         self._write(rows, list(rows[0].keys()))
 
     def append(self, row: dict) -> None:
+        self.extend([row])
+
+    def extend(self, new_rows: list[dict]) -> None:
+        """Append several rows with one rewrite of the file."""
+        if not new_rows:
+            return
         rows = self.rows()
-        fields = list(rows[0].keys()) if rows else list(row.keys())
-        fields += [k for k in row if k not in fields]
-        rows.append({k: row.get(k, "") for k in fields})
-        self._write(rows, fields)
+        fields = list(rows[0].keys()) if rows else list(new_rows[0].keys())
+        for row in new_rows:
+            fields += [k for k in row if k not in fields]
+        rows += new_rows
+        self._write([{k: row.get(k, "") for k in fields} for row in rows], fields)
 
     def _write(self, rows, fields) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The PPO baselines beside CMA-ES, from scratch: PPO on pixels, on z and on
+# [z, h] for every seed, each run scored on the official CarRacing-v3
+# (evaluate.py's tracks 0-99), then the curves and the table. Every step
+# resumes where it stopped or is skipped when done, so rerunning this after
+# an interruption continues instead of starting over.
+#
+#   usage: bash train_ppo.sh [CKPT_DIR] [FRAMES]
+#     CKPT_DIR  vae.pt and mdnrnn.pt for the latent arms; M must have learned
+#               every 2nd frame, the runs' frame skip (default checkpoints/k2;
+#               the README's PPO section makes it)
+#     FRAMES    each run's budget in game frames (default 1000000)
+#   SEEDS=0,1,2 the seeds; CMAES=zh=CSV,z=CSV the CMA-ES runs drawn beside
+#   (default: the shipped run's controller_metrics.csv)
+set -euo pipefail
+cd "$(dirname "$0")"
+export SDL_VIDEODRIVER=${SDL_VIDEODRIVER:-dummy}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+ckpt=${1:-checkpoints/k2}
+frames=${2:-1000000}
+workers=${WORKERS:-$(nproc)}
+out=checkpoints/ppo
+
+for arm in pixels z zh; do
+    python train_ppo.py --arm "$arm" --ckpt-dir "$ckpt" --frames "$frames" --seeds "${SEEDS:-0,1,2}" --out-dir "$out"
+done
+for run in "$out"/*/seed*; do
+    [ -f "$run/ppo_last.zip" ] || continue
+    # Once per model: training further writes a newer ppo_last.zip.
+    if [ ! "$run/scores.json" -nt "$run/ppo_last.zip" ]; then
+        python evaluate.py --policy ppo --ckpt-dir "$run" --episodes 100 --workers "$workers" --json "$run/scores.json"
+    fi
+done
+python compare_ppo.py --runs-dir "$out" --cmaes "${CMAES:-zh=checkpoints/pretrained/controller_metrics.csv}"
