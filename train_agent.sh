@@ -9,6 +9,8 @@
 #                  checkpoints/pretrained to go on training the shipped run)
 #     GENERATIONS  CMA-ES generations in all, counting those already done
 #                  (default 300)
+#   ACTION_REPEAT=k  frames each action is held by M and C (default 2, the
+#                  shipped agent's; 1 is the paper's)
 set -euo pipefail
 cd "$(dirname "$0")"
 export SDL_VIDEODRIVER=${SDL_VIDEODRIVER:-dummy}
@@ -16,16 +18,26 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 ckpt=${1:-checkpoints/agent}
 generations=${2:-300}
 workers=${WORKERS:-$(nproc)}
+k=${ACTION_REPEAT:-2}
 
 # V and M, unless they are finished and shipped (mdnrnn.pt without the
 # mdnrnn_last.pt that training leaves behind, which git does not keep).
 if [ ! -f "$ckpt/mdnrnn.pt" ] || [ -f "$ckpt/mdnrnn_last.pt" ]; then
+    # V learns from every frame of 400 random rollouts.
     python collect_rollouts.py --rollouts 400 --workers "$workers"
     python train_vae.py --ckpt-dir "$ckpt" --epochs 3
-    python train_mdnrnn.py --ckpt-dir "$ckpt" --epochs 30
+    # M models every k-th frame, so it learns from rollouts that hold each
+    # random action k frames (a folder of their own).
+    rollouts=data/rollouts latents=data/latents
+    if [ "$k" != 1 ]; then
+        rollouts=data/rollouts_k$k latents=data/latents_k$k
+        python collect_rollouts.py --rollouts 400 --workers "$workers" --action-repeat "$k" --out-dir "$rollouts"
+    fi
+    python train_mdnrnn.py --ckpt-dir "$ckpt" --data-dir "$rollouts" --latent-dir "$latents" --epochs 30
 fi
 # 32 members x 4 shared tracks (lucid-dream-racer's budget); a training
-# episode ends after 200 steps without a new tile.
+# episode ends after 200 frames without a new tile. C holds each action for
+# M's k frames (train_controller.py reads it from mdnrnn.pt).
 python train_controller.py --ckpt-dir "$ckpt" --pop-size 32 --rollouts-per-member 4 --patience 200 \
     --eval-every 5 --eval-episodes 16 --generations "$generations" --workers "$workers"
 python evaluate.py --ckpt-dir "$ckpt" --episodes 100 --workers "$workers" --json "$ckpt/scores.json"
