@@ -4,6 +4,7 @@
     python bench.py vae --json                 ConvVAE training images/s
     python bench.py mdnrnn --json              MDN-RNN sequences/s, cell steps/s
     python bench.py agent --json               agent loop steps/s, 1 vs all workers, batched
+    python bench.py agent --backend ray --workers 2 --json    the same on Ray's actors, 1 vs 2
     python bench.py repeat --json              agent loop frames/s holding actions 1, 2, 3 frames
     python bench.py dream --json               simulated dream steps/s
 
@@ -134,7 +135,7 @@ def bench_agent(args) -> dict:
     train_controller.py), timed after one warm-up batch per worker; --rounds
     rounds of --episodes batches per worker, each episode --steps steps
     (resets included). network_overhead = agent time per step / env time per
-    step - 1."""
+    step - 1. --backend ray runs every pool on Ray's actors (see time_pools)."""
     import tempfile
 
     from wm.agent import AgentSpec
@@ -156,6 +157,7 @@ def bench_agent(args) -> dict:
         "speedup_all_workers": round(many / one, 2),
         "workers": n,
         "batch_size": args.batch_size,
+        "backend": args.backend,
     }
 
 
@@ -213,42 +215,43 @@ def agent_for_bench(args, tmp: str):
 
 def time_pools(runs: dict, args) -> tuple[dict, dict, dict]:
     """runs: {name: (AgentSpec, workers, C's flat weights or None)}. One
-    worker pool per run; after one warm-up batch per worker, --rounds rounds
-    that alternate the runs, so that all see the same machine load, each of
-    --episodes batches of --batch-size episodes per worker. -> (environment
-    steps, wall-clock seconds, the workers' CPU seconds) per run."""
+    worker pool per run, on --backend; after one warm-up batch per worker,
+    --rounds rounds that alternate the runs, so that all see the same machine
+    load, each of --episodes batches of --batch-size episodes per worker. ->
+    (environment steps, wall-clock seconds, the workers' CPU seconds) per run.
+
+    On Ray with no --ray-address, the local instance started here counts a
+    CPU for every actor of every pool, since each actor holds one: only one
+    pool runs at a time, so the machine's cores still serve one pool."""
     from wm.agent import EpisodeRunner, map_episodes
-    from wm.pool import WorkerPool
+    from wm.pool import check_backend, make_pool
 
     K = args.batch_size
-    pools = {}
+    pools, ray = {}, None
+    check_backend(args.backend, args.ray_address)
+    if args.backend == "ray" and not args.ray_address:
+        import ray
+
+        ray.init(num_cpus=sum(w for _, w, _ in runs.values()), include_dashboard=False)
     try:
         for name, (spec, w, _) in runs.items():
-            pools[name] = WorkerPool(w, EpisodeRunner, spec)
+            pools[name] = make_pool(args.backend, w, EpisodeRunner, spec, ray_address=args.ray_address)
         for name, (_, w, p) in runs.items():  # warm-up, which also makes each worker's K environments
             map_episodes(pools[name], [(p, args.seed + i) for i in range(w * K)], K)
         steps, seconds, cpu = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
         for r in range(args.rounds):
             for name, (_, w, p) in runs.items():
                 tasks = [(p, args.seed + 1000 * (r + 1) + i) for i in range(args.episodes * w * K)]
-                t0, c0 = time.perf_counter(), worker_cpu_seconds(pools[name])
+                t0, c0 = time.perf_counter(), pools[name].cpu_seconds()
                 steps[name] += sum(n_steps for _, n_steps in map_episodes(pools[name], tasks, K))
                 seconds[name] += time.perf_counter() - t0
-                cpu[name] += worker_cpu_seconds(pools[name]) - c0
+                cpu[name] += pools[name].cpu_seconds() - c0
     finally:
         for pool in pools.values():
             pool.close()
+        if ray is not None:
+            ray.shutdown()
     return steps, seconds, cpu
-
-
-def worker_cpu_seconds(pool) -> float:
-    """User + system CPU seconds of a pool's worker processes so far (Linux /proc)."""
-    ticks = 0
-    for p in pool.procs:
-        with open(f"/proc/{p.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def bench_dream(args) -> dict:
@@ -392,6 +395,9 @@ def bench_vae(args) -> dict:
     }
 
 
+# Where time_pools runs its workers: local processes or Ray's actors (wm.pool.make_pool).
+POOL_FLAGS = [("--backend", str, "local"), ("--ray-address", str, "")]
+
 BENCHES = {
     "env": (bench_env, [("--steps", int, 300), ("--seed", int, 0)]),
     "mdnrnn": (bench_mdnrnn, [("--batch-size", int, 32), ("--seq-len", int, 100),
@@ -399,10 +405,10 @@ BENCHES = {
                               ("--seed", int, 0)]),
     "agent": (bench_agent, [("--steps", int, 300), ("--episodes", int, 1), ("--rounds", int, 3),
                             ("--batch-size", int, 16), ("--workers", int, 0), ("--ckpt-dir", str, None),
-                            ("--seed", int, 0)]),
+                            ("--seed", int, 0), *POOL_FLAGS]),
     "repeat": (bench_repeat, [("--action-repeat", str, "1,2,3"), ("--steps", int, 300), ("--episodes", int, 1),
                               ("--rounds", int, 3), ("--batch-size", int, 16), ("--ckpt-dir", str, None),
-                              ("--seed", int, 0)]),
+                              ("--seed", int, 0), *POOL_FLAGS]),
     "dream": (bench_dream, [("--pop-size", int, 64), ("--rollouts", int, 16), ("--max-steps", int, 100),
                             ("--repeats", int, 2), ("--temperature", float, 1.0), ("--device", str, "auto"),
                             ("--seed", int, 0)]),
@@ -423,7 +429,12 @@ def main(argv=None) -> None:
             p.add_argument(flag, type=typ, default=default)
     args = parser.parse_args(argv)
     fn = BENCHES[args.bench][0]
-    result = fn(args)
+    from wm.cli import UsageError
+
+    try:
+        result = fn(args)
+    except UsageError as e:
+        parser.error(e.message)
     if args.json:
         print(json.dumps(result))
     else:

@@ -12,14 +12,16 @@ action (the frame seen before it, the rewards of its k frames summed), about
 1000 / k rows, and records k. A folder holds one k: collecting into a folder
 of another k is refused.
 
+--backend ray collects on the actors of a Ray cluster (see the README's
+section on it); each actor writes its rollouts into --out-dir, which must then
+be a folder that every machine of the cluster sees.
+
 usage: python collect_rollouts.py --rollouts 200 --workers 2 --out-dir data/rollouts
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from wm.cli import fail, run_main
 from wm.env import MAX_EPISODE_STEPS, make_env, step_repeat
 from wm.frames import preprocess
 from wm.policies import POLICIES
+from wm.pool import WorkerError, check_backend, make_pool
 from wm.rollouts import (action_repeats, is_complete, remove_stale_temporaries, rollout_path,
                          write_rollout)
 
@@ -39,11 +42,13 @@ from wm.rollouts import (action_repeats, is_complete, remove_stale_temporaries, 
 class Config:
     rollouts: int = 200  # episodes to collect (paper: 10,000; 200 gave ~175K frames here)
     max_steps: int = MAX_EPISODE_STEPS  # frames per episode at most (the environment's limit)
-    workers: int = os.cpu_count() or 1  # parallel processes (default: all cores)
+    workers: int = os.cpu_count() or 1  # parallel processes, or Ray actors with --backend ray (default: all cores)
     out_dir: str = "data/rollouts"  # where the .npz files go
     seed: int = 0  # rollout i drives track seed seed + i
     policy: str = "brownian"  # brownian (smoothed random walk) or uniform (independent actions)
     action_repeat: int = 1  # frames each action is held; M and C then work at this rate (the paper: 1)
+    backend: str = "local"  # where the workers run: local = processes here, ray = actors on a Ray cluster
+    ray_address: str = ""  # --backend ray: empty joins the Ray running here or starts one, auto joins a running cluster, or HOST:PORT
 
 
 def collect_one(seed: int, max_steps: int, policy: str, action_repeat: int = 1) -> dict[str, np.ndarray]:
@@ -76,17 +81,18 @@ def collect_one(seed: int, max_steps: int, policy: str, action_repeat: int = 1) 
     return data
 
 
-def _worker(job: tuple[int, int, str, str, int]) -> tuple[int, int]:
-    seed, max_steps, policy, out_dir, action_repeat = job
-    data = collect_one(seed, max_steps, policy, action_repeat)
-    write_rollout(rollout_path(out_dir, seed), **data)
-    return seed, len(data["actions"])
+class RolloutWriter:
+    """A pool worker (wm.pool): a task is a track seed, whose rollout it
+    collects and writes to `out_dir`; it returns the rollout's rows, so that
+    results stream back one small number at a time, whatever the rollouts."""
 
+    def __init__(self, out_dir: str, max_steps: int, policy: str, action_repeat: int):
+        self.out_dir, self.max_steps, self.policy, self.action_repeat = out_dir, max_steps, policy, action_repeat
 
-def _ignore_sigint() -> None:
-    # Ctrl-C goes to the whole process group; the main process alone handles
-    # it and terminates the workers, so they print no tracebacks of their own.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def __call__(self, seed: int) -> int:
+        data = collect_one(seed, self.max_steps, self.policy, self.action_repeat)
+        write_rollout(rollout_path(self.out_dir, seed), **data)
+        return len(data["actions"])
 
 
 def check_config(cfg: Config) -> Path:
@@ -102,6 +108,7 @@ def check_config(cfg: Config) -> Path:
         raise fail(f"--seed must be non-negative, got {cfg.seed}")
     if cfg.policy not in POLICIES:
         raise fail(f"--policy must be one of {', '.join(POLICIES)}, got {cfg.policy!r}")
+    check_backend(cfg.backend, cfg.ray_address)
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise fail(f"--out-dir {out} is a file, not a folder; pass another path")
@@ -136,32 +143,37 @@ def main(cfg: Config) -> None:
     if len(todo) < cfg.rollouts:
         print(f"{cfg.rollouts - len(todo)} of {cfg.rollouts} rollouts already in {out}; "
               f"collecting the other {len(todo)}")
-    jobs = [(s, cfg.max_steps, cfg.policy, str(out), cfg.action_repeat) for s in todo]
-    if not jobs:
+    if not todo:
         return
     start, frames = time.time(), 0
-    bar = tqdm(total=len(jobs), unit="rollout", desc="collect")
-    pool = mp.get_context("spawn").Pool(min(cfg.workers, max(len(jobs), 1)), initializer=_ignore_sigint)
+
+    def written(_: int, steps: int) -> None:
+        nonlocal frames
+        frames += steps
+        bar.update(1)
+        bar.set_postfix(fps=f"{frames / (time.time() - start):.0f}")
+
     try:
-        # imap_unordered: results stream back one rollout at a time, so memory
-        # does not grow with the number of rollouts.
-        for _, steps in pool.imap_unordered(_worker, jobs):
-            frames += steps
-            bar.update(1)
-            bar.set_postfix(fps=f"{frames / (time.time() - start):.0f}")
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        remove_stale_temporaries(out)
-        raise
+        with (make_pool(cfg.backend, min(cfg.workers, len(todo)), RolloutWriter, str(out), cfg.max_steps,
+                        cfg.policy, cfg.action_repeat, ray_address=cfg.ray_address) as pool,
+              tqdm(total=len(todo), unit="rollout", desc="collect") as bar):
+            pool.map([(s,) for s in todo], on_result=written)
+    except WorkerError as e:
+        raise fail(str(e)) from None
     finally:
-        pool.join()
-        bar.close()
+        # The workers are stopped by now: a Ctrl-C or a failure leaves only
+        # the temporary files of the rollouts they were writing, never a rollout.
+        remove_stale_temporaries(out)
+    missing = [s for s in todo if not rollout_path(out, s).exists()]
+    if missing:  # written by actors on other machines, into folders of their own
+        raise fail(f"{len(missing)} of the rollouts are not in {out} on this machine (e.g. "
+                   f"{rollout_path(out, missing[0]).name}); on a Ray cluster --out-dir must be a folder "
+                   f"that every machine shares")
     seconds = time.time() - start
     files = [rollout_path(out, s) for s in seeds]
     mb = sum(f.stat().st_size for f in files if f.exists()) / 2**20
     held = f" (each held {cfg.action_repeat} game frames)" if cfg.action_repeat != 1 else ""
-    print(f"rollouts {cfg.rollouts}  new {len(jobs)}  frames {frames}{held}  "
+    print(f"rollouts {cfg.rollouts}  new {len(todo)}  frames {frames}{held}  "
           f"{seconds:.1f} s  {mb:.1f} MB on disk in {out}")
 
 

@@ -14,6 +14,9 @@ action repeat; 1 for files from before it, and for the random baseline).
 --policy ppo scores a PPO baseline instead: --ckpt-dir is one of train_ppo.py's
 run folders, which records the arm, its V and M, and the frame skip.
 
+--backend ray scores the episodes on the actors of a Ray cluster (see the
+README's section on it), with the same scores.
+
 usage: python evaluate.py --ckpt-dir checkpoints --episodes 100 --json scores.json --video drive.mp4
 """
 
@@ -35,7 +38,7 @@ from wm.checkpoint import load_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.env import make_env
 from wm.frames import to_image
-from wm.pool import WorkerError, WorkerPool
+from wm.pool import WorkerError, check_backend, make_pool
 
 
 @dataclass
@@ -44,13 +47,15 @@ class Config:
     policy: str = "agent"  # agent (V, M and C), random (the baseline, needs no checkpoints) or ppo (a PPO baseline)
     episodes: int = 100  # episodes, one track each (the paper: 100)
     seed: int = 0  # episode i drives the track of seed + i
-    workers: int = os.cpu_count() or 1  # worker processes; 1 runs everything in this process
+    workers: int = os.cpu_count() or 1  # worker processes (Ray actors with --backend ray); 1 runs everything in this process (local backend)
     batch_size: int = 16  # episodes driven at once in lockstep, V, M and C batched (1 with --render human)
     max_steps: int = 1000  # time limit of an episode, in frames (CarRacing-v3's own: 1000)
     render: str = "none"  # none, or human: a window to watch the agent drive (runs in this process)
     video: str = None  # record the first episode to this .gif or .mp4
     json: str = None  # write the scores here: scores, mean, std, episodes, seed
     device: str = "auto"  # auto, cpu or cuda, for the episodes run in this process
+    backend: str = "local"  # where the workers run: local = processes here, ray = actors on a Ray cluster
+    ray_address: str = ""  # --backend ray: empty joins the Ray running here or starts one, auto joins a running cluster, or HOST:PORT
 
 
 def check_config(cfg: Config) -> None:
@@ -63,6 +68,7 @@ def check_config(cfg: Config) -> None:
             raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.video and Path(cfg.video).suffix.lower() not in (".gif", ".mp4"):
         raise fail(f"--video must end in .gif or .mp4, got {cfg.video}")
+    check_backend(cfg.backend, cfg.ray_address)
 
 
 def agent_spec(cfg: Config) -> tuple[AgentSpec, np.ndarray | None]:
@@ -170,7 +176,7 @@ def main(cfg: Config) -> dict:
         results[i] = result
         print(f"episode {i + 1:3d}  seed {seeds[i]}  score {result[0]:7.1f}  steps {result[1]}", flush=True)
 
-    in_process = cfg.workers == 1 or cfg.render == "human"
+    in_process = (cfg.workers == 1 and cfg.backend == "local") or cfg.render == "human"
     if in_process or cfg.video:
         # This process drives all episodes (or just the filmed one) itself.
         agent = build_agent(spec, resolve_device(cfg.device))
@@ -199,7 +205,8 @@ def main(cfg: Config) -> dict:
     todo = [i for i in range(len(seeds)) if i not in results]
     if todo:
         try:
-            with WorkerPool(min(cfg.workers, len(todo)), EpisodeRunner, spec) as pool:
+            with make_pool(cfg.backend, min(cfg.workers, len(todo)), EpisodeRunner, spec,
+                           ray_address=cfg.ray_address) as pool:
                 map_episodes(pool, [(params, seeds[i]) for i in todo], cfg.batch_size,
                              on_result=lambda k, r: report(todo[k], r))
         except WorkerError as e:

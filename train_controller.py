@@ -13,6 +13,9 @@ there: controller.pt (best by held-out score), controller_es.pkl (the CMA-ES
 state, rewritten every generation; a rerun resumes from it, --restart starts over),
 controller_metrics.csv and controller_reward.png.
 
+--backend ray runs the workers as actors on a Ray cluster instead (see the
+README's section on it); the same seeds give the same fitness on either.
+
 --mode dream scores the members inside M instead (wm/dream.py): the whole
 population dreams at once, from the first frames of the rollouts in
 --latent-dir, at temperature --temperature; the held-out score stays real,
@@ -46,7 +49,7 @@ from wm.checkpoint import save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.dream import make_dream, save_dream_strip
 from wm.metrics import MetricsLog
-from wm.pool import WorkerError, WorkerPool
+from wm.pool import Pool, WorkerError, check_backend, make_pool
 
 
 @dataclass
@@ -57,7 +60,7 @@ class Config:
     rollouts_per_member: int = 16  # episodes per member; fitness is their mean (the paper: 16)
     sigma0: float = 0.1  # CMA-ES initial step size (the paper: 0.1)
     generations: int = 100  # total generations, counting those already done before a resume
-    workers: int = os.cpu_count() or 1  # worker processes, each with its own environments
+    workers: int = os.cpu_count() or 1  # worker processes (Ray actors with --backend ray), each with its own environments
     batch_size: int = 16  # episodes a worker drives at once in lockstep, V, M and C batched over them
     max_steps: int = 1000  # time limit of an episode, in frames (the paper: 1000)
     action_repeat: int = 0  # frames each action is held; 0: M's (features zh, or dream mode), else 1 (the paper: 1)
@@ -71,6 +74,8 @@ class Config:
     latent_dir: str = "data/latents"  # dream: episodes start from the first frames of these rollouts
     device: str = "auto"  # dream: where the dream runs, auto, cpu or cuda (workers use the CPU)
     bf16: bool = False  # dream: M's matrix products in bfloat16, 2-3x faster on CPUs with bf16 instructions, ~3 digits
+    backend: str = "local"  # where the workers run: local = processes here, ray = actors on a Ray cluster
+    ray_address: str = ""  # --backend ray: empty joins the Ray running here or starts one, auto joins a running cluster, or HOST:PORT
 
 
 # Track seeds: held-out tracks are HELD_OUT_SEED + i, training tracks are drawn
@@ -95,7 +100,7 @@ class RealFitness:
     source (a dream in M) can take this one's place in `main`.
     """
 
-    def __init__(self, pool: WorkerPool, batch_size: int, patience: int = 0):
+    def __init__(self, pool: Pool, batch_size: int, patience: int = 0):
         self.pool, self.batch_size, self.patience = pool, batch_size, patience
 
     def __call__(self, solutions: list[np.ndarray], seeds: list[int]) -> tuple[np.ndarray, int]:
@@ -107,7 +112,7 @@ class RealFitness:
         return rewards.mean(1), sum(n for _, n in results)
 
 
-def run_in_pool(pool: WorkerPool, tasks: list[tuple], batch_size: int, what: str,
+def run_in_pool(pool: Pool, tasks: list[tuple], batch_size: int, what: str,
                 patience: int = 0) -> list[tuple[float, int]]:
     with tqdm(total=len(tasks), desc=what, leave=False, unit="ep") as bar:
         return map_episodes(pool, tasks, batch_size, on_result=lambda i, r: bar.update(), patience=patience)
@@ -132,6 +137,7 @@ def check_config(cfg: Config) -> None:
         raise fail(f"--mode must be real or dream, got {cfg.mode!r}")
     if not cfg.temperature > 0:
         raise fail(f"--temperature must be positive (the paper: 1.0 to 1.15), got {cfg.temperature}")
+    check_backend(cfg.backend, cfg.ray_address)
 
 
 def save_es_state(path: Path, state: dict) -> None:
@@ -226,12 +232,13 @@ def main(cfg: Config) -> dict:
 
     held = f", each action held {action_repeat} frames" if action_repeat != 1 else ""
     print(f"C: {cfg.features}, {controller.n_params} parameters; population {cfg.pop_size} x "
-          f"{cfg.rollouts_per_member} rollouts of up to {cfg.max_steps} frames{held}, {cfg.workers} workers")
+          f"{cfg.rollouts_per_member} rollouts of up to {cfg.max_steps} frames{held}, {cfg.workers} "
+          f"{'Ray actors' if cfg.backend == 'ray' else 'workers'}")
     spec = AgentSpec(ckpt_dir=str(ckpt_dir), controller=asdict(ccfg), fast=True,
                      max_steps=cfg.max_steps, action_repeat=action_repeat)
     held_out_seeds = [HELD_OUT_SEED + i for i in range(cfg.eval_episodes)]
     try:
-        with WorkerPool(cfg.workers, EpisodeRunner, spec) as pool:
+        with make_pool(cfg.backend, cfg.workers, EpisodeRunner, spec, ray_address=cfg.ray_address) as pool:
             fitness = dream if cfg.mode == "dream" else RealFitness(pool, cfg.batch_size, cfg.patience)
             for gen in range(start, cfg.generations):
                 t0 = time.time()

@@ -19,31 +19,55 @@ stops them all on the way out of the `with` block.
 
 Set WM_FAULT=raise (or exit) in the environment to make every worker fail on
 its first task: the tests use it to check the two paths above end to end.
+
+`make_pool(backend, ...)` builds this pool (`--backend local`) or its twin on
+Ray's actors (`--backend ray`, wm/ray_pool.py); both are a `Pool`, and only
+the latter imports Ray.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import os
 import signal
+import sys
 import traceback
 from multiprocessing.connection import wait
 from typing import Any, Callable, Sequence
+
+from wm.cli import fail
+
+BACKENDS = ("local", "ray")
 
 
 class WorkerError(RuntimeError):
     """A worker raised (the message holds its traceback) or died."""
 
 
+def start_runner(factory: Callable, args: tuple):
+    """A worker's runner, `factory(*args)`, built as every backend builds it."""
+    torch = sys.modules.get("torch")  # loaded with a factory that needs it (not a rollout collector's)
+    if torch is not None:
+        torch.set_num_threads(1)  # one process per core: threads would only fight
+    return factory(*args)
+
+
+def inject_fault(fault: str | None, restarted: bool = False) -> None:
+    """WM_FAULT, for the tests: raise, exit, or exit-once (exit, but not
+    once Ray has restarted the actor; a local worker is never restarted)."""
+    if fault == "raise":
+        raise RuntimeError("injected fault (WM_FAULT=raise)")
+    if fault == "exit" or (fault == "exit-once" and not restarted):
+        os._exit(3)
+
+
 def _worker_main(conn, factory: Callable, args: tuple) -> None:
     # The parent handles Ctrl-C and then stops us; a KeyboardInterrupt
     # traceback from every worker would only bury the one line that matters.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import torch
-
-    torch.set_num_threads(1)  # one process per core: threads would only fight
     try:
-        runner = factory(*args)
+        runner = start_runner(factory, args)
         conn.send(("ready", None))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
@@ -58,17 +82,58 @@ def _worker_main(conn, factory: Callable, args: tuple) -> None:
             return
         index, task_args = task
         try:
-            if fault == "raise":
-                raise RuntimeError("injected fault (WM_FAULT=raise)")
-            if fault == "exit":
-                os._exit(3)
+            inject_fault(fault)
             conn.send(("ok", (index, runner(*task_args))))
         except BaseException:
             conn.send(("error", traceback.format_exc()))
             return
 
 
-class WorkerPool:
+class Pool:
+    """What every backend's pool shares: `len(pool)` workers, `map`, `close`
+    and the `with` block. A backend sends a task to a worker (`_send`) and
+    waits for busy workers' results (`_results`)."""
+
+    def map(self, tasks: Sequence[tuple], on_result: Callable[[int, Any], Any] | None = None) -> list:
+        """Run each task tuple as `runner(*task)` on some worker; results in
+        task order. `on_result(index, result)` is called as each one comes in."""
+        results: list = [None] * len(tasks)
+        todo = list(enumerate(tasks))[::-1]
+        busy: set[int] = set()
+        while todo or busy:
+            for i in range(len(self)):
+                if i not in busy and todo:
+                    self._send(i, todo.pop())
+                    busy.add(i)
+            for i, (index, result) in self._results(busy):
+                results[index] = result
+                busy.discard(i)
+                if on_result is not None:
+                    on_result(index, result)
+        return results
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _send(self, i: int, task: tuple[int, tuple]) -> None:
+        """Send (task index, task) to worker i."""
+        raise NotImplementedError
+
+    def _results(self, busy: set[int]) -> list[tuple[int, tuple[int, Any]]]:
+        """[(worker, (task index, result))] for one or more of the busy workers."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class WorkerPool(Pool):
     def __init__(self, n_workers: int, factory: Callable, *args: Any,
                  start_timeout: float = 300.0):
         """Start `n_workers` processes, each running `factory(*args)` once.
@@ -99,23 +164,8 @@ class WorkerPool:
     def __len__(self) -> int:
         return len(self.procs)
 
-    def map(self, tasks: Sequence[tuple], on_result: Callable[[int, Any], Any] | None = None) -> list:
-        """Run each task tuple as `runner(*task)` on some worker; results in
-        task order. `on_result(index, result)` is called as each one comes in."""
-        results: list = [None] * len(tasks)
-        todo = list(enumerate(tasks))[::-1]
-        busy: set[int] = set()
-        while todo or busy:
-            for i in range(len(self.procs)):
-                if i not in busy and todo:
-                    self._send(i, todo.pop())
-                    busy.add(i)
-            for i, (index, result) in self._wait(busy, None, "while running a task"):
-                results[index] = result
-                busy.discard(i)
-                if on_result is not None:
-                    on_result(index, result)
-        return results
+    def _results(self, busy: set[int]):
+        return self._wait(busy, None, "while running a task")
 
     def _send(self, i: int, task: tuple) -> None:
         try:
@@ -150,6 +200,15 @@ class WorkerPool:
             out.append((i, payload))
         return out
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the worker processes so far (Linux /proc)."""
+        ticks = 0
+        for p in self.procs:
+            with open(f"/proc/{p.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         """Stop the workers: ask politely, then terminate, then kill."""
         for conn in self.conns:
@@ -169,8 +228,23 @@ class WorkerPool:
             conn.close()
         self.procs, self.conns = [], []
 
-    def __enter__(self) -> "WorkerPool":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+def check_backend(backend: str, ray_address: str = "") -> None:
+    """One line for a backend that is not one, or that is not installed."""
+    if backend not in BACKENDS:
+        raise fail(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise fail("--backend ray needs Ray, which is not installed: pip install ray==2.60.0")
+    if ray_address and backend != "ray":
+        raise fail(f"--ray-address {ray_address} goes with --backend ray")
+
+
+def make_pool(backend: str, n_workers: int, factory: Callable, *args: Any, ray_address: str = "") -> Pool:
+    """A WorkerPool (`local`) or a RayPool (`ray`, on the Ray instance at
+    `ray_address`, see wm/ray_pool.py) of `n_workers` running `factory(*args)`."""
+    check_backend(backend, ray_address)
+    if backend == "local":
+        return WorkerPool(n_workers, factory, *args)
+    from wm.ray_pool import RayPool  # here only: the local backend never imports Ray
+
+    return RayPool(n_workers, factory, *args, address=ray_address)
