@@ -7,8 +7,8 @@
 #
 #   usage: bash train_ppo.sh [CKPT_DIR] [FRAMES]
 #     CKPT_DIR  vae.pt and mdnrnn.pt for the latent arms; M must have learned
-#               every 2nd frame, the runs' frame skip (default checkpoints/k2;
-#               the README's PPO section makes it)
+#               every 2nd frame, the runs' frame skip (default
+#               checkpoints/pretrained, the shipped agent's, which did)
 #     FRAMES    each run's budget in game frames (default 1000000)
 #   SEEDS=0,1,2 the seeds; CMAES=zh=CSV,z=CSV the CMA-ES runs drawn beside
 #   (default: the shipped run's controller_metrics.csv)
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export SDL_VIDEODRIVER=${SDL_VIDEODRIVER:-dummy}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-ckpt=${1:-checkpoints/k2}
+ckpt=${1:-checkpoints/pretrained}
 frames=${2:-1000000}
 workers=${WORKERS:-$(nproc)}
 out=checkpoints/ppo
