@@ -48,7 +48,20 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     kill at any moment leaves the previous checkpoint whole."""
     if "model" in payload:
         payload = {**payload, "fingerprint": state_fingerprint(payload["model"])}
+    # Tensors go to the CPU: a file written on a GPU then loads anywhere,
+    # also with a plain torch.load (weights_only=True, no map_location).
+    payload = _on_cpu(payload)
     write_atomically(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _on_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
