@@ -64,7 +64,7 @@ class Agent:
         n = len(seeds)
         if params is None:
             params = np.repeat(self.controller.get_flat()[None], n, axis=0)
-        params = torch.as_tensor(np.asarray(params), dtype=torch.float32, device=self.device)
+        params = torch.tensor(np.asarray(params), dtype=torch.float32, device=self.device)  # a copy: Ray hands read-only arrays
         if params.shape != (n, self.controller.n_params):
             raise ValueError(f"expected ({n}, {self.controller.n_params}) C weights for {n} episodes, "
                              f"got {tuple(params.shape)}")
