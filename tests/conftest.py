@@ -55,6 +55,15 @@ def run_script(*args: str, timeout: float = 300, cwd: Path = ROOT):
                           text=True, timeout=timeout)
 
 
+def default_sigint() -> None:
+    """Popen's preexec_fn for a script the test interrupts: a job that a shell
+    starts in the background inherits Ctrl-C ignored, and Python then never
+    raises KeyboardInterrupt. Give the child the default back."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_script(*args: str, cwd: Path = ROOT, env: dict | None = None):
     """Start a repository script as run_script does, with `env` added to its
     environment, without waiting for it: the Popen's communicate() gives its

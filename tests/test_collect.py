@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from collect_rollouts import collect_one
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, default_sigint, run_script
 from wm.rollouts import is_complete, read_action_repeat, read_rollout, rollout_path, write_rollout
 
 
@@ -80,7 +80,7 @@ def test_ctrl_c_leaves_no_half_written_file(tmp_path):
     out = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "collect_rollouts.py", "--rollouts", "30", "--max-steps",
-                             "1000", "--workers", "2", "--out-dir", str(out)], cwd=ROOT, env=env,
+                             "1000", "--workers", "2", "--out-dir", str(out)], cwd=ROOT, env=env, preexec_fn=default_sigint,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     # Interrupt once the first rollout is written, while others are being written.
     deadline = time.time() + 120

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script, write_tiny_world_model
+from conftest import ROOT, default_sigint, run_script, write_tiny_world_model
 
 from models.controller import Controller, ControllerConfig
 from wm.agent import Agent, AgentSpec, EpisodeRunner, load_models, map_episodes, run_episode, run_episodes
@@ -26,7 +26,7 @@ from train_controller import Config
 
 
 def start_script(*args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, preexec_fn=default_sigint,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **env})
 
