@@ -56,7 +56,7 @@ def run_script(*args: str, timeout: float = 300, cwd: Path = ROOT):
 
 
 def default_sigint() -> None:
-    """Popen's preexec_fn for a script the test interrupts: a job that a shell
+    """Popen's preexec_fn for a script a test may interrupt: a job that a shell
     starts in the background inherits Ctrl-C ignored, and Python then never
     raises KeyboardInterrupt. Give the child the default back."""
     import signal
@@ -71,7 +71,7 @@ def start_script(*args: str, cwd: Path = ROOT, env: dict | None = None):
     import subprocess
 
     return subprocess.Popen([sys.executable, *args], cwd=cwd, env={**_script_env(), **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
 
 
 def _script_env() -> dict:

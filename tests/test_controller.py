@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, default_sigint, run_script, write_tiny_world_model
+from conftest import ROOT, run_script, start_script, write_tiny_world_model
 
 from models.controller import Controller, ControllerConfig
 from wm.agent import Agent, AgentSpec, EpisodeRunner, load_models, map_episodes, run_episode, run_episodes
@@ -23,12 +22,6 @@ from wm.pool import WorkerError, WorkerPool
 
 import train_controller
 from train_controller import Config
-
-
-def start_script(*args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, preexec_fn=default_sigint,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **env})
 
 
 def tiny_run(ckpt_dir, generations: int = 1) -> list[str]:
@@ -332,7 +325,7 @@ def test_one_generation_then_resume(tmp_path):
 def test_a_worker_that_raises_ends_the_run_with_its_error(tmp_path):
     write_tiny_world_model(tmp_path)
     t0 = time.time()
-    p = start_script(*tiny_run(tmp_path), WM_FAULT="raise")
+    p = start_script(*tiny_run(tmp_path), env={"WM_FAULT": "raise"})
     out, err = p.communicate(timeout=60)
     assert p.returncode != 0
     assert "RuntimeError: injected fault" in err and "error: worker" in err
