@@ -74,6 +74,15 @@ def start_script(*args: str, cwd: Path = ROOT, env: dict | None = None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
 
 
+def pool_workers(pid: int) -> list[int]:
+    """The pids of the local pool's workers (wm/pool.py) that process `pid` started."""
+    import subprocess
+
+    children = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True,
+                              text=True).stdout.splitlines()
+    return [int(c.split()[0]) for c in children if "spawn_main" in c]
+
+
 def _script_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from collect_rollouts import collect_one
-from tests.conftest import ROOT, default_sigint, run_script
+from tests.conftest import ROOT, default_sigint, pool_workers, run_script, start_script
 from wm.rollouts import is_complete, read_action_repeat, read_rollout, rollout_path, write_rollout
 
 
@@ -95,6 +95,39 @@ def test_ctrl_c_leaves_no_half_written_file(tmp_path):
     assert not list(out.glob(".*tmp*"))
     written = list(out.glob("rollout_*.npz"))
     assert 1 <= len(written) < 30 and all(is_complete(f) for f in written)
+
+
+def wait_for_bar(proc: subprocess.Popen) -> None:
+    """Read the script's stderr until its progress bar shows: the pool's
+    workers have started and been sent their first rollouts."""
+    seen = ""
+    while "collect:" not in seen:
+        c = proc.stderr.read(1)
+        assert c, f"the script ended before its progress bar showed: {seen}"
+        seen += c
+
+
+def test_a_killed_worker_ends_the_run_with_one_line_and_a_rerun_completes(tmp_path):
+    out = tmp_path / "r"
+    args = ("collect_rollouts.py", "--rollouts", "3", "--max-steps", "300", "--workers", "2",
+            "--out-dir", str(out))
+    proc = start_script(*args)
+    try:
+        wait_for_bar(proc)
+        workers = pool_workers(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=60)  # multiprocessing.Pool waited here for good
+    finally:
+        proc.kill()
+    assert time.time() - t0 < 10
+    assert proc.returncode == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: worker ") and "died while running a task (exit code -9)" in last, err
+    res = run_script(*args)
+    assert res.returncode == 0, res.stderr
+    assert all(is_complete(rollout_path(out, s)) for s in range(3)) and not list(out.glob(".*tmp*"))
 
 
 @pytest.mark.parametrize("args, message", [

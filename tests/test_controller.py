@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script, start_script, write_tiny_world_model
+from conftest import ROOT, pool_workers, run_script, start_script, write_tiny_world_model
 
 from models.controller import Controller, ControllerConfig
 from wm.agent import Agent, AgentSpec, EpisodeRunner, load_models, map_episodes, run_episode, run_episodes
@@ -338,10 +337,8 @@ def test_ctrl_c_stops_the_run_and_its_workers(tmp_path):
     for line in p.stdout:
         if line.startswith("generation 1 "):
             break
-    children = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(p.pid)], capture_output=True,
-                              text=True).stdout.splitlines()
-    workers = [c.split()[0] for c in children if "spawn_main" in c]
-    assert len(workers) == 2, children
+    workers = pool_workers(p.pid)
+    assert len(workers) == 2, workers
     t0 = time.time()
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=30)
