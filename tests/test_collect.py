@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,6 +129,35 @@ def test_a_killed_worker_ends_the_run_with_one_line_and_a_rerun_completes(tmp_pa
     res = run_script(*args)
     assert res.returncode == 0, res.stderr
     assert all(is_complete(rollout_path(out, s)) for s in range(3)) and not list(out.glob(".*tmp*"))
+
+
+def test_workers_stop_quietly_when_the_main_process_is_killed(tmp_path):
+    out = tmp_path / "r"
+    proc = start_script("collect_rollouts.py", "--rollouts", "4", "--max-steps", "1000", "--workers", "2",
+                        "--out-dir", str(out))
+    try:
+        wait_for_bar(proc)
+        workers = pool_workers(proc.pid)
+        assert len(workers) == 2, workers
+        proc.kill()
+        t0 = time.time()
+        # The workers (and multiprocessing's resource tracker) share the script's
+        # stderr: it ends once the last of them has exited.
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert time.time() - t0 < 5
+    assert "Traceback" not in err and "Error" not in err and "leaked" not in err, err
+    assert not list(out.glob("rollout_*.npz"))  # none finished after their parent was gone
+    assert all(exited(w) for w in workers)
+
+
+def exited(pid: int) -> bool:
+    """Process `pid` is gone, or a zombie that nobody has reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 @pytest.mark.parametrize("args, message", [

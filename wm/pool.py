@@ -15,7 +15,9 @@ the main process waits on the workers' pipes *and* their process sentinels at
 once, so a worker that raises comes back as a WorkerError carrying its
 traceback, and a worker that dies as a WorkerError with its exit code, both
 as soon as it happens. Workers ignore Ctrl-C; the main process gets it and
-stops them all on the way out of the `with` block.
+stops them all on the way out of the `with` block. A worker whose main process
+is gone (killed with kill -9) exits at once, quietly, rather than finish its
+task and then fail to send the result.
 
 Set WM_FAULT=raise (or exit) in the environment to make every worker fail on
 its first task: the tests use it to check the two paths above end to end.
@@ -32,6 +34,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import traceback
 from multiprocessing.connection import wait
 from typing import Any, Callable, Sequence
@@ -62,10 +65,16 @@ def inject_fault(fault: str | None, restarted: bool = False) -> None:
         os._exit(3)
 
 
+def _exit_with_parent() -> None:
+    mp.parent_process().join()  # returns once the parent is gone (its end of a pipe closed)
+    os._exit(0)
+
+
 def _worker_main(conn, factory: Callable, args: tuple) -> None:
     # The parent handles Ctrl-C and then stops us; a KeyboardInterrupt
     # traceback from every worker would only bury the one line that matters.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     try:
         runner = start_runner(factory, args)
         conn.send(("ready", None))
