@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from evaluate import interquartile_mean
-from wm.checkpoint import write_atomically
 from wm.cli import fail, run_main
+from wm.files import write_atomically
 from wm.metrics import MetricsLog, save_figure
 from wm.ppo import ARMS, EPISODES_FILE, RUN_FILE
 

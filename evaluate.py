@@ -37,6 +37,7 @@ from wm.agent import (AgentSpec, EpisodeRunner, build_agent, check_trained_with,
 from wm.checkpoint import load_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.env import make_env
+from wm.files import write_atomically
 from wm.frames import to_image
 from wm.pool import WorkerError, check_backend, make_pool
 
@@ -221,8 +222,7 @@ def main(cfg: Config) -> dict:
     print(f"{cfg.policy}: {summary['mean']:.1f} +- {summary['std']:.1f}, IQM {iqm:.1f} [{low:.1f}, {high:.1f}] "
           f"over {len(scores)} episodes on CarRacing-v3 (seeds {seeds[0]}..{seeds[-1]})")
     if cfg.json:
-        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json).write_text(json.dumps(summary, indent=1) + "\n")
+        write_atomically(cfg.json, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     return summary
 
 

@@ -48,6 +48,7 @@ from wm.agent import AgentSpec, EpisodeRunner, load_models, map_episodes
 from wm.checkpoint import save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.dream import make_dream, save_dream_strip
+from wm.files import write_atomically
 from wm.metrics import MetricsLog
 from wm.pool import Pool, WorkerError, check_backend, make_pool
 
@@ -142,10 +143,7 @@ def check_config(cfg: Config) -> None:
 
 def save_es_state(path: Path, state: dict) -> None:
     """Pickle the CMA-ES state atomically (it is an object, not weights)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(state, f)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_bytes(pickle.dumps(state)))
 
 
 # What a state saved before these keys existed was made with (real mode

@@ -43,8 +43,8 @@ from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import SubprocVecEnv, VecNormalize
 
 from wm.agent import check_trained_with
-from wm.checkpoint import write_atomically
 from wm.cli import fail, resolve_device, run_main
+from wm.files import write_atomically
 from wm.metrics import MetricsLog
 from wm.ppo import ARMS, EPISODES_FILE, MODEL_FILE, NORM_FILE, RUN_FILE, ArmEnvMaker, make_view, read_run
 

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from wm.checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
 from wm.cli import UsageError, parse_config
+from wm.files import temporary_path, write_atomically
 from wm.metrics import MetricsLog
+from wm.rollouts import write_rollout
 
 
 @dataclass
@@ -45,7 +53,7 @@ def test_checkpoint_round_trip_is_weights_only_and_fingerprinted(tmp_path):
     with torch.no_grad():
         model.weight[0, 0] += 1
     assert state_fingerprint(model.state_dict()) != ckpt["fingerprint"]
-    assert not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.glob(".*.tmp*"))
 
 
 def test_checkpoint_errors_say_what_to_do(tmp_path):
@@ -73,3 +81,43 @@ def test_metrics_log_resume_drops_redone_epochs(tmp_path):
     assert [r["more"] for r in rows] == ["", "", "", "", "2"] and rows[2]["extra"] == "1"
     log.plot(tmp_path / "m.png", ["loss"])
     assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "m.txt"
+    write_atomically(path, lambda tmp: tmp.write_text("old"))
+
+    def half_then(error):
+        def write(tmp):
+            tmp.write_text("ha")
+            raise error
+        return write
+
+    for error in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            write_atomically(path, half_then(error))
+        assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["m.txt"]
+
+
+def test_the_next_write_removes_what_a_killed_write_left(tmp_path):
+    path = tmp_path / "m.npz"
+    # A process killed (SIGKILL: no cleanup runs) while writing m.npz.
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from wm.files import write_atomically
+write_atomically({str(path)!r}, lambda tmp: (tmp.write_bytes(b"half"), time.sleep(60)))
+"""], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    left = temporary_path(path, child.pid)
+    deadline = time.time() + 30
+    while not left.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    child.kill()
+    child.wait()
+    assert left.read_bytes() == b"half"
+    live = temporary_path(path, os.getppid())  # a live process writing m.npz at the same time
+    other = temporary_path(tmp_path / "other.npz", child.pid)  # another file's: not this write's business
+    for p in (live, other):
+        p.write_bytes(b"x")
+    write_rollout(path, a=np.zeros(3))  # np.savez needs the temporary name to end in .npz
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.npz", live.name, other.name])
+    assert np.load(path)["a"].shape == (3,)

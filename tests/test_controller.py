@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import time
@@ -394,6 +395,12 @@ def test_bad_flags_get_one_line_errors(tmp_path, flags, message):
         train_controller.main(Config(ckpt_dir=str(tmp_path), **flags))
 
 
+def test_an_es_state_that_fails_to_save_leaves_no_temporary_file(tmp_path):
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        train_controller.save_es_state(tmp_path / "controller_es.pkl", {"es": lambda: 0})  # cannot be pickled
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_checkpoints_name_the_script_that_makes_them(tmp_path):
     with pytest.raises(UsageError, match="vae.pt not found; run train_vae.py"):
         train_controller.main(Config(ckpt_dir=str(tmp_path), features="z"))
@@ -405,8 +412,6 @@ def test_missing_checkpoints_name_the_script_that_makes_them(tmp_path):
 
 
 def test_resume_with_other_features_or_another_v_is_refused(tmp_path):
-    import pickle
-
     import cma
 
     write_tiny_world_model(tmp_path)

@@ -75,7 +75,7 @@ def test_each_arm_trains_and_writes_its_run(runs, arm, obs_shape):
     assert all(0 < int(f) <= 128 and int(s) == 20 and np.isfinite(float(ret)) for f, ret, s in rows[1:])
     events = list((run_dir / "tensorboard").glob("ppo_0/events.out.tfevents.*"))
     assert len(events) == 1 and b"time/frames" in events[0].read_bytes()
-    assert not list(run_dir.glob(".*tmp"))
+    assert not list(run_dir.glob(".*.tmp*"))
 
 
 def test_latent_arms_refuse_to_start_without_v_or_m(tmp_path, world):
