@@ -35,7 +35,7 @@ import numpy as np
 
 from evaluate import interquartile_mean
 from wm.cli import fail, run_main
-from wm.files import write_atomically
+from wm.files import writable_file, write_atomically
 from wm.metrics import MetricsLog, save_figure
 from wm.ppo import ARMS, EPISODES_FILE, RUN_FILE
 
@@ -178,6 +178,8 @@ def main(cfg: Config) -> str:
     if not ppo and not cmaes:
         raise fail(f"no runs with training episodes in {cfg.runs_dir}; run train_ppo.py first")
     out = Path(cfg.out)
+    for path in (out.with_suffix(".png"), out.with_suffix(".md")):
+        writable_file(path, "--out")
     plot(ppo, cmaes, cfg.window, out.with_suffix(".png"))
     text = table(ppo, cmaes)
     write_atomically(out.with_suffix(".md"), lambda tmp: tmp.write_text(text))

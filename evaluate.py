@@ -37,7 +37,7 @@ from wm.agent import (AgentSpec, EpisodeRunner, build_agent, check_trained_with,
 from wm.checkpoint import load_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.env import make_env
-from wm.files import write_atomically
+from wm.files import writable_file, write_atomically
 from wm.frames import to_image
 from wm.pool import WorkerError, check_backend, make_pool
 
@@ -169,6 +169,9 @@ def interquartile_mean(scores: list[float]) -> tuple[float, tuple[float, float]]
 def main(cfg: Config) -> dict:
     check_config(cfg)
     spec, params = agent_spec(cfg)
+    for path, name in ((cfg.json, "--json"), (cfg.video, "--video")):
+        if path:
+            writable_file(path, name)  # now, not after the last episode
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     results: dict[int, tuple[float, int]] = {}
     t0 = time.time()

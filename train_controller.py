@@ -48,7 +48,7 @@ from wm.agent import AgentSpec, EpisodeRunner, load_models, map_episodes
 from wm.checkpoint import save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.dream import make_dream, save_dream_strip
-from wm.files import write_atomically
+from wm.files import writable_folder, write_atomically
 from wm.metrics import MetricsLog
 from wm.pool import Pool, WorkerError, check_backend, make_pool
 
@@ -201,6 +201,7 @@ def main(cfg: Config) -> dict:
         mdnrnn = world.mdnrnn  # C may not read M itself, but it dreams in M
     action_repeat = pick_action_repeat(cfg.action_repeat, mdnrnn)
     del vae, mdnrnn  # the workers load their own copies
+    writable_folder(ckpt_dir, "--ckpt-dir")
 
     es_path = ckpt_dir / "controller_es.pkl"
     signature = {"features": cfg.features, "n_params": controller.n_params,

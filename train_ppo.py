@@ -44,7 +44,7 @@ from stable_baselines3.common.vec_env import SubprocVecEnv, VecNormalize
 
 from wm.agent import check_trained_with
 from wm.cli import fail, resolve_device, run_main
-from wm.files import write_atomically
+from wm.files import writable_folder, write_atomically
 from wm.metrics import MetricsLog
 from wm.ppo import ARMS, EPISODES_FILE, MODEL_FILE, NORM_FILE, RUN_FILE, ArmEnvMaker, make_view, read_run
 
@@ -252,6 +252,7 @@ def main(cfg: Config) -> list[Path]:
                    f"step: pass --frame-skip {k}, or train M on rollouts collected with --action-repeat "
                    f"{cfg.frame_skip} (collect_rollouts.py, then train_mdnrnn.py)")
     del view
+    writable_folder(cfg.out_dir, "--out-dir")
     return [train_run(cfg, seed, fingerprints) for seed in seeds]
 
 

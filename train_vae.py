@@ -30,6 +30,7 @@ from models import ConvVAE, VAEConfig
 from models.vae import vae_loss
 from wm.checkpoint import resume_training, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
+from wm.files import writable_folder
 from wm.frames import FRAME_SIZE, to_image, to_model_input
 from wm.metrics import MetricsLog, image_grid
 from wm.rollouts import BadRollout, array_headers, list_rollouts, read_rollout
@@ -277,6 +278,7 @@ def main(cfg: Config) -> dict:
 
     counts = scan_rollouts(cfg.data_dir)
     train_files, val_files = split_rollouts(list(counts), cfg.val_fraction, cfg.seed)
+    writable_folder(ckpt_dir, "--ckpt-dir")
     n_train = sum(counts[f] for f in train_files)
     n_val = sum(counts[f] for f in val_files)
 

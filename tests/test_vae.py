@@ -159,7 +159,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import train_vae  # noqa: E402
-from conftest import make_synthetic_rollouts, run_script  # noqa: E402
+from conftest import error_line, make_synthetic_rollouts, run_script  # noqa: E402
 from wm.checkpoint import state_fingerprint  # noqa: E402
 from wm.cli import UsageError  # noqa: E402
 from wm.files import temporary_path  # noqa: E402
@@ -244,6 +244,14 @@ def test_script_end_to_end(synthetic_rollouts, tmp_path):
     assert recon.width > 8 * 64 and recon.height >= 2 * 64  # 8 frames above 8 reconstructions
     ckpt_data = torch.load(ckpt / "vae.pt", weights_only=True)
     assert ckpt_data["model_args"] == {"latent_size": 8} and ckpt_data["config"]["batch_size"] == 32
+
+
+def test_a_ckpt_dir_that_cannot_be_written_is_one_line_before_training(synthetic_rollouts, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "ckpt"  # its parent is a file: no one, root included, can write there
+    r = run_script("train_vae.py", "--data-dir", str(synthetic_rollouts), "--ckpt-dir", str(out), "--epochs", "1")
+    assert error_line(r) == f"error: cannot write to --ckpt-dir {out} (Not a directory); pass a writable folder"
+    assert "epoch" not in r.stdout
 
 
 def test_missing_or_empty_data_dir_names_collect_rollouts(tmp_path):

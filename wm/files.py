@@ -1,16 +1,22 @@
-"""Output files, written atomically.
+"""Output files: checked before a run starts, written atomically while it runs.
 
 Every file a script writes (checkpoints, rollouts, metrics, plots, scores) goes
 through `write_atomically`, so a kill at any moment leaves the previous
-version of the file whole.
+version of the file whole; every output folder is checked by
+`writable_folder` (or `writable_file`) before the long work starts, so that a
+folder that cannot be written is one line in the first second rather than a
+traceback hours later.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from wm.cli import fail
 
 
 def temporary_path(path: Path, pid: int | str) -> Path:
@@ -54,3 +60,34 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # it exists, under another user
         return True
     return True
+
+
+def writable_folder(folder: str | os.PathLike, flag: str) -> Path:
+    """Create the output folder that `flag` names and check that a file can be
+    written in it, or fail with one line."""
+    folder = Path(folder)
+    problem = _unwritable(folder)
+    if problem:
+        raise fail(f"cannot write to {flag} {folder} ({problem}); pass a writable folder")
+    return folder
+
+
+def writable_file(path: str | os.PathLike, flag: str) -> Path:
+    """The same for an output file that `flag` names: its folder."""
+    path = Path(path)
+    problem = f"{path} is a folder" if path.is_dir() else _unwritable(path.parent)
+    if problem:
+        raise fail(f"cannot write {flag} {path} ({problem}); pass another path")
+    return path
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why no file can be written in `folder` (created if missing), or None."""
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # a probe that leaves nothing behind
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
