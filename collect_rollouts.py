@@ -97,16 +97,8 @@ class RolloutWriter:
 
 
 def check_config(cfg: Config) -> Path:
-    if cfg.rollouts < 1:
-        raise fail(f"--rollouts must be at least 1, got {cfg.rollouts}")
-    if cfg.max_steps < 1:
-        raise fail(f"--max-steps must be at least 1, got {cfg.max_steps}")
     if cfg.action_repeat < 1:
         raise fail(f"--action-repeat must be at least 1, got {cfg.action_repeat}")
-    if cfg.workers < 1:
-        raise fail(f"--workers must be at least 1, got {cfg.workers}")
-    if cfg.seed < 0:
-        raise fail(f"--seed must be non-negative, got {cfg.seed}")
     if cfg.policy not in POLICIES:
         raise fail(f"--policy must be one of {', '.join(POLICIES)}, got {cfg.policy!r}")
     check_backend(cfg.backend, cfg.ray_address)

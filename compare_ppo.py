@@ -172,8 +172,6 @@ def table(ppo: dict[str, list[Path]], cmaes: dict[str, list[Path]]) -> str:
 
 
 def main(cfg: Config) -> str:
-    if cfg.window < 1:
-        raise fail(f"--window must be at least 1, got {cfg.window}")
     ppo, cmaes = ppo_runs(Path(cfg.runs_dir)), cmaes_runs(cfg.cmaes)
     if not ppo and not cmaes:
         raise fail(f"no runs with training episodes in {cfg.runs_dir}; run train_ppo.py first")

@@ -64,9 +64,6 @@ def check_config(cfg: Config) -> None:
         raise fail(f"--policy must be agent, random or ppo, got {cfg.policy!r}")
     if cfg.render not in ("none", "human"):
         raise fail(f"--render must be none or human, got {cfg.render!r}")
-    for name in ("episodes", "workers", "batch_size", "max_steps"):
-        if getattr(cfg, name) < 1:
-            raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.video and Path(cfg.video).suffix.lower() not in (".gif", ".mp4"):
         raise fail(f"--video must end in .gif or .mp4, got {cfg.video}")
     check_backend(cfg.backend, cfg.ray_address)

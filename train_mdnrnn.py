@@ -171,8 +171,6 @@ def folder_action_repeat(data_dir: str, files: list[Path]) -> int:
 
 
 def main(cfg: Config) -> dict:
-    if min(cfg.epochs, cfg.seq_len, cfg.batch_size, cfg.strip_steps, cfg.strip_every) < 1:
-        raise fail("--epochs, --seq-len, --batch-size, --strip-steps and --strip-every must be at least 1")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ckpt_dir = Path(cfg.ckpt_dir)

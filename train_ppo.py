@@ -91,10 +91,6 @@ TRAIN_SEED = 1_000_000
 def check_config(cfg: Config) -> None:
     if cfg.arm not in ARMS:
         raise fail(f"--arm must be one of {', '.join(ARMS)}, got {cfg.arm!r}")
-    for name in ("frames", "n_envs", "frame_skip", "frame_stack", "max_steps", "n_steps", "batch_size",
-                 "n_epochs", "sde_sample_freq", "hidden_size", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.n_envs * cfg.n_steps < 2:
         raise fail("a rollout needs at least 2 steps: raise --n-envs or --n-steps")
 

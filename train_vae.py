@@ -265,10 +265,6 @@ def save_pictures(model: ConvVAE, shown: np.ndarray, ckpt_dir: Path, device: tor
 
 
 def main(cfg: Config) -> dict:
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.buffer_rollouts < 1:
-        raise fail("--epochs, --batch-size and --buffer-rollouts must be at least 1")
-    if not 0 < cfg.val_fraction < 1:
-        raise fail(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
     device = resolve_device(cfg.device)
     dtype = pick_precision(cfg.precision, device)
     if cfg.threads > 0:
