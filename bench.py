@@ -143,7 +143,7 @@ def bench_agent(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         agent, params = agent_for_bench(args, tmp)
         env_only = AgentSpec(max_steps=args.steps)  # random actions, no networks
-        n = args.workers or os.cpu_count() or 1
+        n = args.workers
         runs = {"env": (env_only, 1, None), "one": (agent, 1, params), "all": (agent, n, params)}
         steps, seconds, cpu = time_pools(runs, args)
     env_sps, one, many = (steps[k] / seconds[k] for k in runs)
@@ -404,8 +404,8 @@ BENCHES = {
                               ("--seconds", float, 2.0), ("--device", str, "auto"),
                               ("--seed", int, 0)]),
     "agent": (bench_agent, [("--steps", int, 300), ("--episodes", int, 1), ("--rounds", int, 3),
-                            ("--batch-size", int, 16), ("--workers", int, 0), ("--ckpt-dir", str, None),
-                            ("--seed", int, 0), *POOL_FLAGS]),
+                            ("--batch-size", int, 16), ("--workers", int, os.cpu_count() or 1),
+                            ("--ckpt-dir", str, None), ("--seed", int, 0), *POOL_FLAGS]),
     "repeat": (bench_repeat, [("--action-repeat", str, "1,2,3"), ("--steps", int, 300), ("--episodes", int, 1),
                               ("--rounds", int, 3), ("--batch-size", int, 16), ("--ckpt-dir", str, None),
                               ("--seed", int, 0), *POOL_FLAGS]),
@@ -429,9 +429,10 @@ def main(argv=None) -> None:
             p.add_argument(flag, type=typ, default=default)
     args = parser.parse_args(argv)
     fn = BENCHES[args.bench][0]
-    from wm.cli import UsageError
+    from wm.cli import UsageError, check_ranges
 
     try:
+        check_ranges(vars(args))
         result = fn(args)
     except UsageError as e:
         parser.error(e.message)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from wm.cli import fail, run_main
 from wm.env import MAX_EPISODE_STEPS, make_env, step_repeat
+from wm.files import writable_folder
 from wm.frames import preprocess
 from wm.policies import POLICIES
 from wm.pool import WorkerError, check_backend, make_pool
@@ -96,30 +97,12 @@ class RolloutWriter:
 
 
 def check_config(cfg: Config) -> Path:
-    if cfg.rollouts < 1:
-        raise fail(f"--rollouts must be at least 1, got {cfg.rollouts}")
-    if cfg.max_steps < 1:
-        raise fail(f"--max-steps must be at least 1, got {cfg.max_steps}")
     if cfg.action_repeat < 1:
         raise fail(f"--action-repeat must be at least 1, got {cfg.action_repeat}")
-    if cfg.workers < 1:
-        raise fail(f"--workers must be at least 1, got {cfg.workers}")
-    if cfg.seed < 0:
-        raise fail(f"--seed must be non-negative, got {cfg.seed}")
     if cfg.policy not in POLICIES:
         raise fail(f"--policy must be one of {', '.join(POLICIES)}, got {cfg.policy!r}")
     check_backend(cfg.backend, cfg.ray_address)
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise fail(f"--out-dir {out} is a file, not a folder; pass another path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test_{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise fail(f"cannot write to --out-dir {out} ({e.strerror or e}); pass a writable folder")
-    return out
+    return writable_folder(cfg.out_dir, "--out-dir")
 
 
 def check_action_repeat(out: Path, action_repeat: int) -> None:

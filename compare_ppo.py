@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from evaluate import interquartile_mean
-from wm.checkpoint import write_atomically
 from wm.cli import fail, run_main
+from wm.files import writable_file, write_atomically
 from wm.metrics import MetricsLog, save_figure
 from wm.ppo import ARMS, EPISODES_FILE, RUN_FILE
 
@@ -172,12 +172,12 @@ def table(ppo: dict[str, list[Path]], cmaes: dict[str, list[Path]]) -> str:
 
 
 def main(cfg: Config) -> str:
-    if cfg.window < 1:
-        raise fail(f"--window must be at least 1, got {cfg.window}")
     ppo, cmaes = ppo_runs(Path(cfg.runs_dir)), cmaes_runs(cfg.cmaes)
     if not ppo and not cmaes:
         raise fail(f"no runs with training episodes in {cfg.runs_dir}; run train_ppo.py first")
     out = Path(cfg.out)
+    for path in (out.with_suffix(".png"), out.with_suffix(".md")):
+        writable_file(path, "--out")
     plot(ppo, cmaes, cfg.window, out.with_suffix(".png"))
     text = table(ppo, cmaes)
     write_atomically(out.with_suffix(".md"), lambda tmp: tmp.write_text(text))

@@ -37,6 +37,7 @@ from wm.agent import (AgentSpec, EpisodeRunner, build_agent, check_trained_with,
 from wm.checkpoint import load_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.env import make_env
+from wm.files import writable_file, write_atomically
 from wm.frames import to_image
 from wm.pool import WorkerError, check_backend, make_pool
 
@@ -63,9 +64,6 @@ def check_config(cfg: Config) -> None:
         raise fail(f"--policy must be agent, random or ppo, got {cfg.policy!r}")
     if cfg.render not in ("none", "human"):
         raise fail(f"--render must be none or human, got {cfg.render!r}")
-    for name in ("episodes", "workers", "batch_size", "max_steps"):
-        if getattr(cfg, name) < 1:
-            raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.video and Path(cfg.video).suffix.lower() not in (".gif", ".mp4"):
         raise fail(f"--video must end in .gif or .mp4, got {cfg.video}")
     check_backend(cfg.backend, cfg.ray_address)
@@ -168,6 +166,9 @@ def interquartile_mean(scores: list[float]) -> tuple[float, tuple[float, float]]
 def main(cfg: Config) -> dict:
     check_config(cfg)
     spec, params = agent_spec(cfg)
+    for path, name in ((cfg.json, "--json"), (cfg.video, "--video")):
+        if path:
+            writable_file(path, name)  # now, not after the last episode
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     results: dict[int, tuple[float, int]] = {}
     t0 = time.time()
@@ -221,8 +222,7 @@ def main(cfg: Config) -> dict:
     print(f"{cfg.policy}: {summary['mean']:.1f} +- {summary['std']:.1f}, IQM {iqm:.1f} [{low:.1f}, {high:.1f}] "
           f"over {len(scores)} episodes on CarRacing-v3 (seeds {seeds[0]}..{seeds[-1]})")
     if cfg.json:
-        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json).write_text(json.dumps(summary, indent=1) + "\n")
+        write_atomically(cfg.json, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     return summary
 
 

@@ -48,6 +48,7 @@ from wm.agent import AgentSpec, EpisodeRunner, load_models, map_episodes
 from wm.checkpoint import save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.dream import make_dream, save_dream_strip
+from wm.files import writable_folder, write_atomically
 from wm.metrics import MetricsLog
 from wm.pool import Pool, WorkerError, check_backend, make_pool
 
@@ -121,31 +122,16 @@ def run_in_pool(pool: Pool, tasks: list[tuple], batch_size: int, what: str,
 def check_config(cfg: Config) -> None:
     if cfg.features not in FEATURES:
         raise fail(f"--features must be one of {', '.join(FEATURES)}, got {cfg.features!r}")
-    if cfg.pop_size < 2:
-        raise fail(f"--pop-size must be at least 2 (CMA-ES ranks members against each other), got {cfg.pop_size}")
-    for name in ("rollouts_per_member", "generations", "workers", "batch_size", "max_steps", "eval_every",
-                 "eval_episodes"):
-        if getattr(cfg, name) < 1:
-            raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.action_repeat < 0:
         raise fail(f"--action-repeat must be 0 (M's, or 1 without M) or a number of frames, got {cfg.action_repeat}")
-    if cfg.patience < 0:
-        raise fail(f"--patience must be 0 (off) or a number of frames, got {cfg.patience}")
-    if not cfg.sigma0 > 0:
-        raise fail(f"--sigma0 must be positive, got {cfg.sigma0}")
     if cfg.mode not in ("real", "dream"):
         raise fail(f"--mode must be real or dream, got {cfg.mode!r}")
-    if not cfg.temperature > 0:
-        raise fail(f"--temperature must be positive (the paper: 1.0 to 1.15), got {cfg.temperature}")
     check_backend(cfg.backend, cfg.ray_address)
 
 
 def save_es_state(path: Path, state: dict) -> None:
     """Pickle the CMA-ES state atomically (it is an object, not weights)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(state, f)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_bytes(pickle.dumps(state)))
 
 
 # What a state saved before these keys existed was made with (real mode
@@ -203,6 +189,7 @@ def main(cfg: Config) -> dict:
         mdnrnn = world.mdnrnn  # C may not read M itself, but it dreams in M
     action_repeat = pick_action_repeat(cfg.action_repeat, mdnrnn)
     del vae, mdnrnn  # the workers load their own copies
+    writable_folder(ckpt_dir, "--ckpt-dir")
 
     es_path = ckpt_dir / "controller_es.pkl"
     signature = {"features": cfg.features, "n_params": controller.n_params,

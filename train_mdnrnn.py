@@ -29,6 +29,7 @@ from tqdm import tqdm
 from models import MDNRNN, ConvVAE, MDNRNNConfig, mdn_loss
 from wm.checkpoint import load_checkpoint, resume_training, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
+from wm.files import writable_folder
 from wm.frames import to_image
 from wm.latents import check_latent_size, encode_rollouts
 from wm.metrics import MetricsLog, image_grid
@@ -170,8 +171,6 @@ def folder_action_repeat(data_dir: str, files: list[Path]) -> int:
 
 
 def main(cfg: Config) -> dict:
-    if min(cfg.epochs, cfg.seq_len, cfg.batch_size, cfg.strip_steps, cfg.strip_every) < 1:
-        raise fail("--epochs, --seq-len, --batch-size, --strip-steps and --strip-every must be at least 1")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ckpt_dir = Path(cfg.ckpt_dir)
@@ -180,6 +179,8 @@ def main(cfg: Config) -> dict:
     vae_ckpt = load_checkpoint(ckpt_dir / "vae.pt", kind="vae")
     vae = ConvVAE.from_checkpoint(vae_ckpt).to(device)
     vae_fp = vae_ckpt["fingerprint"]
+    writable_folder(cfg.latent_dir, "--latent-dir")
+    writable_folder(ckpt_dir, "--ckpt-dir")
     latents = encode_rollouts(rollout_files, cfg.latent_dir, vae, vae_fp, device, cfg.encode_batch)
     if not latents:
         raise fail(f"no readable rollouts in {cfg.data_dir}; rerun collect_rollouts.py")

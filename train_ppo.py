@@ -43,8 +43,8 @@ from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import SubprocVecEnv, VecNormalize
 
 from wm.agent import check_trained_with
-from wm.checkpoint import write_atomically
 from wm.cli import fail, resolve_device, run_main
+from wm.files import writable_folder, write_atomically
 from wm.metrics import MetricsLog
 from wm.ppo import ARMS, EPISODES_FILE, MODEL_FILE, NORM_FILE, RUN_FILE, ArmEnvMaker, make_view, read_run
 
@@ -91,10 +91,6 @@ TRAIN_SEED = 1_000_000
 def check_config(cfg: Config) -> None:
     if cfg.arm not in ARMS:
         raise fail(f"--arm must be one of {', '.join(ARMS)}, got {cfg.arm!r}")
-    for name in ("frames", "n_envs", "frame_skip", "frame_stack", "max_steps", "n_steps", "batch_size",
-                 "n_epochs", "sde_sample_freq", "hidden_size", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.n_envs * cfg.n_steps < 2:
         raise fail("a rollout needs at least 2 steps: raise --n-envs or --n-steps")
 
@@ -252,6 +248,7 @@ def main(cfg: Config) -> list[Path]:
                    f"step: pass --frame-skip {k}, or train M on rollouts collected with --action-repeat "
                    f"{cfg.frame_skip} (collect_rollouts.py, then train_mdnrnn.py)")
     del view
+    writable_folder(cfg.out_dir, "--out-dir")
     return [train_run(cfg, seed, fingerprints) for seed in seeds]
 
 

@@ -30,6 +30,7 @@ from models import ConvVAE, VAEConfig
 from models.vae import vae_loss
 from wm.checkpoint import resume_training, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
+from wm.files import writable_folder
 from wm.frames import FRAME_SIZE, to_image, to_model_input
 from wm.metrics import MetricsLog, image_grid
 from wm.rollouts import BadRollout, array_headers, list_rollouts, read_rollout
@@ -264,10 +265,6 @@ def save_pictures(model: ConvVAE, shown: np.ndarray, ckpt_dir: Path, device: tor
 
 
 def main(cfg: Config) -> dict:
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.buffer_rollouts < 1:
-        raise fail("--epochs, --batch-size and --buffer-rollouts must be at least 1")
-    if not 0 < cfg.val_fraction < 1:
-        raise fail(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
     device = resolve_device(cfg.device)
     dtype = pick_precision(cfg.precision, device)
     if cfg.threads > 0:
@@ -277,6 +274,7 @@ def main(cfg: Config) -> dict:
 
     counts = scan_rollouts(cfg.data_dir)
     train_files, val_files = split_rollouts(list(counts), cfg.val_fraction, cfg.seed)
+    writable_folder(ckpt_dir, "--ckpt-dir")
     n_train = sum(counts[f] for f in train_files)
     n_val = sum(counts[f] for f in val_files)
 

@@ -55,6 +55,14 @@ def run_script(*args: str, timeout: float = 300, cwd: Path = ROOT):
                           text=True, timeout=timeout)
 
 
+def error_line(result) -> str:
+    """The line a script that refused to run printed, after checking that it
+    printed that line alone (no traceback) and exited with status 2."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
 def default_sigint() -> None:
     """Popen's preexec_fn for a script a test may interrupt: a job that a shell
     starts in the background inherits Ctrl-C ignored, and Python then never

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+from typing import get_type_hints
 
+import numpy as np
 import pytest
 import torch
+from conftest import ROOT, error_line, run_script
 
 from wm.checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
 from wm.cli import UsageError, parse_config
+from wm.files import temporary_path, write_atomically
 from wm.metrics import MetricsLog
+from wm.rollouts import write_rollout
 
 
 @dataclass
@@ -45,7 +54,7 @@ def test_checkpoint_round_trip_is_weights_only_and_fingerprinted(tmp_path):
     with torch.no_grad():
         model.weight[0, 0] += 1
     assert state_fingerprint(model.state_dict()) != ckpt["fingerprint"]
-    assert not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.glob(".*.tmp*"))
 
 
 def test_checkpoint_errors_say_what_to_do(tmp_path):
@@ -73,3 +82,97 @@ def test_metrics_log_resume_drops_redone_epochs(tmp_path):
     assert [r["more"] for r in rows] == ["", "", "", "", "2"] and rows[2]["extra"] == "1"
     log.plot(tmp_path / "m.png", ["loss"])
     assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "--config {path} holds [1, 2], not an object of options"),
+    ('{"lr": "fast"}', 'lr in {path} must be a number, got "fast"'),
+    ('{"max_steps": 2.5}', "max_steps in {path} must be a whole number, got 2.5"),
+    ('{"max_steps": true}', "max_steps in {path} must be a whole number, got true"),
+    ('{"fast": 1}', "fast in {path} must be true or false, got 1"),
+    ('{"out_dir": null}', "out_dir in {path} must be a string, got null"),
+    ('{"max_steps": 0}', "max_steps in {path} must be at least 1, got 0"),
+    ('{"nope": 1}', "{path} sets unknown option(s) nope"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_key_and_the_file(tmp_path, text, message):
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    with pytest.raises(UsageError) as e:
+        parse_config(Config, ["--config", str(path)])
+    assert str(e.value).startswith(message.format(path=path))
+
+
+def test_config_values_are_checked_as_flags_are(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"lr": 1, "max_steps": 0}')
+    cfg = parse_config(Config, ["--config", str(path), "--max-steps", "2"])  # the flag wins
+    assert cfg == Config(lr=1.0, max_steps=2) and type(cfg.lr) is float
+    with pytest.raises(UsageError, match="--max-steps must be at least 1, got 0"):
+        parse_config(Config, ["--max-steps", "0"])
+    with pytest.raises(UsageError, match="--lr must be positive, got -0.1"):
+        parse_config(Config, ["--lr", "-0.1"])
+
+
+def test_a_size_of_zero_is_refused_with_one_line(synthetic_rollouts, tmp_path):
+    r = run_script("train_vae.py", "--latent-size", "0", "--data-dir", str(synthetic_rollouts),  # an empty z
+                   "--ckpt-dir", str(tmp_path / "ckpt"))
+    assert error_line(r) == "error: --latent-size must be at least 1, got 0"
+    r = run_script("bench.py", "env", "--steps", "0")  # argparse's error: usage, then the line
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "bench.py: error: --steps must be at least 1, got 0"
+
+
+def test_every_number_option_of_every_script_has_a_range():
+    import bench, collect_rollouts, compare_ppo, evaluate, train_controller, train_mdnrnn, train_ppo, train_vae
+    from wm.cli import RANGES
+
+    own = {"action_repeat", "log_std_init"}  # checked by the script itself; any number
+    ranged = set().union(*(names for _, _, names in RANGES))
+    for script in (collect_rollouts, train_vae, train_mdnrnn, train_controller, evaluate, train_ppo, compare_ppo):
+        hints = get_type_hints(script.Config)
+        numbers = {f.name for f in fields(script.Config) if hints[f.name] in (int, float)}
+        assert numbers - own <= ranged, (script.__name__, numbers - own - ranged)
+        assert parse_config(script.Config, []) == script.Config()  # the defaults are in range
+    for name, (_, flags) in bench.BENCHES.items():
+        numbers = {flag[2:].replace("-", "_") for flag, kind, _ in flags if kind in (int, float)}
+        assert numbers <= ranged, (name, numbers - ranged)
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "m.txt"
+    write_atomically(path, lambda tmp: tmp.write_text("old"))
+
+    def half_then(error):
+        def write(tmp):
+            tmp.write_text("ha")
+            raise error
+        return write
+
+    for error in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        with pytest.raises(type(error)):
+            write_atomically(path, half_then(error))
+        assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["m.txt"]
+
+
+def test_the_next_write_removes_what_a_killed_write_left(tmp_path):
+    path = tmp_path / "m.npz"
+    # A process killed (SIGKILL: no cleanup runs) while writing m.npz.
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from wm.files import write_atomically
+write_atomically({str(path)!r}, lambda tmp: (tmp.write_bytes(b"half"), time.sleep(60)))
+"""], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    left = temporary_path(path, child.pid)
+    deadline = time.time() + 30
+    while not left.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    child.kill()
+    child.wait()
+    assert left.read_bytes() == b"half"
+    live = temporary_path(path, os.getppid())  # a live process writing m.npz at the same time
+    other = temporary_path(tmp_path / "other.npz", child.pid)  # another file's: not this write's business
+    for p in (live, other):
+        p.write_bytes(b"x")
+    write_rollout(path, a=np.zeros(3))  # np.savez needs the temporary name to end in .npz
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.npz", live.name, other.name])
+    assert np.load(path)["a"].shape == (3,)

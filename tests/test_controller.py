@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from conftest import ROOT, pool_workers, run_script, start_script, write_tiny_wo
 from models.controller import Controller, ControllerConfig
 from wm.agent import Agent, AgentSpec, EpisodeRunner, load_models, map_episodes, run_episode, run_episodes
 from wm.checkpoint import load_checkpoint
-from wm.cli import UsageError
+from wm.cli import UsageError, parse_config
 from wm.env import make_env
 from wm.pool import WorkerError, WorkerPool
 
@@ -235,8 +236,6 @@ def test_early_stop_flag_saves_frames_in_training_only(tmp_path):
     assert frames[0] == 10 * 60
     # With it the training episodes stop, but the held-out ones still run all 60 steps.
     assert 2 * 60 <= frames[1] < frames[0]
-    with pytest.raises(UsageError, match="--patience must be 0"):
-        train_controller.main(Config(ckpt_dir=str(tmp_path), patience=-1))
 
 
 # --- the worker pool ------------------------------------------------------------
@@ -380,15 +379,22 @@ def test_bench_repeat_prints_frames_per_second_for_each_k():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(pop_size=1), "--pop-size must be at least 2"),
-    (dict(workers=0), "--workers must be at least 1"),
-    (dict(features="zz"), "--features must be one of"),
-    (dict(sigma0=0.0), "--sigma0 must be positive"),
-    (dict(action_repeat=-1), "--action-repeat must be 0"),
+    (["--pop-size", "1"], "--pop-size must be at least 2"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--features", "zz"], "--features must be one of"),
+    (["--sigma0", "0"], "--sigma0 must be positive"),
+    (["--action-repeat", "-1"], "--action-repeat must be 0"),
+    (["--patience", "-1"], "--patience must be non-negative"),
 ])
 def test_bad_flags_get_one_line_errors(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
-        train_controller.main(Config(ckpt_dir=str(tmp_path), **flags))
+        train_controller.main(parse_config(Config, ["--ckpt-dir", str(tmp_path), *flags]))
+
+
+def test_an_es_state_that_fails_to_save_leaves_no_temporary_file(tmp_path):
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        train_controller.save_es_state(tmp_path / "controller_es.pkl", {"es": lambda: 0})  # cannot be pickled
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_checkpoints_name_the_script_that_makes_them(tmp_path):
@@ -402,8 +408,6 @@ def test_missing_checkpoints_name_the_script_that_makes_them(tmp_path):
 
 
 def test_resume_with_other_features_or_another_v_is_refused(tmp_path):
-    import pickle
-
     import cma
 
     write_tiny_world_model(tmp_path)

@@ -13,7 +13,7 @@ from conftest import run_script, write_tiny_world_model
 from models import MDNRNN, MDNOutput, MDNRNNConfig, sample_next_z
 from models.controller import Controller, ControllerConfig
 from wm.checkpoint import load_checkpoint
-from wm.cli import UsageError
+from wm.cli import UsageError, parse_config
 from wm.dream import Dream, check_dream_heads, load_start_states, noise_seed
 from wm.rollouts import rollout_path, write_rollout
 
@@ -283,9 +283,9 @@ def test_dream_mode_refuses_bad_input(tmp_path):
     from dataclasses import asdict
 
     ckpt, latents = dream_setup(tmp_path)
-    for tau in (0.0, -1.0):
+    for tau in ("0", "-1"):
         with pytest.raises(UsageError, match="--temperature must be positive"):
-            train_controller.main(dream_config(ckpt, latents, temperature=tau))
+            parse_config(train_controller.Config, ["--mode", "dream", "--temperature", tau])
     with pytest.raises(UsageError, match="no latent files"):
         train_controller.main(dream_config(ckpt, tmp_path / "nowhere"))
     # The CMA-ES state of a real-mode run (no "mode" in its signature) is not resumed in a dream.

@@ -9,11 +9,11 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script, write_tiny_controller, write_tiny_world_model
+from conftest import ROOT, error_line, run_script, write_tiny_controller, write_tiny_world_model
 
 import evaluate
 from evaluate import Config
-from wm.cli import UsageError
+from wm.cli import UsageError, parse_config
 
 
 def test_evaluate_writes_the_json_and_a_video(tmp_path):
@@ -74,16 +74,27 @@ def test_controller_trained_on_another_v_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(), "controller.pt not found; run train_controller.py"),
-    (dict(episodes=0), "--episodes must be at least 1"),
-    (dict(render="window"), "--render must be none or human"),
-    (dict(video="x.avi"), "--video must end in .gif or .mp4"),
-    (dict(policy="best"), "--policy must be agent, random or ppo"),
-    (dict(policy="ppo"), "ppo_last.zip not found; run train_ppo.py first"),
+    ([], "controller.pt not found; run train_controller.py"),
+    (["--episodes", "0"], "--episodes must be at least 1"),
+    (["--render", "window"], "--render must be none or human"),
+    (["--video", "x.avi"], "--video must end in .gif or .mp4"),
+    (["--policy", "best"], "--policy must be agent, random or ppo"),
+    (["--policy", "ppo"], "ppo_last.zip not found; run train_ppo.py first"),
+    (["--policy", "random", "--json", "."], r"cannot write --json \. \(\. is a folder\)"),
 ])
 def test_bad_input_gets_one_line_errors(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
-        evaluate.main(Config(ckpt_dir=str(tmp_path), **flags))
+        evaluate.main(parse_config(Config, ["--ckpt-dir", str(tmp_path), *flags]))
+
+
+@pytest.mark.parametrize("flag, name", [("--json", "scores.json"), ("--video", "drive.gif")])
+def test_an_output_that_cannot_be_written_fails_before_the_first_episode(tmp_path, flag, name):
+    (tmp_path / "file").write_text("x")
+    path = tmp_path / "file" / name  # its parent is a file: no one, root included, can write there
+    r = run_script("evaluate.py", "--policy", "random", "--episodes", "4", "--max-steps", "100", "--workers", "1",
+                   flag, str(path))
+    assert error_line(r) == f"error: cannot write {flag} {path} ({path.parent} is a file, not a folder); pass another path"
+    assert "episode" not in r.stdout
 
 
 def test_the_shipped_agent_plays_and_films_on_a_fresh_clone(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import distributions as D
 
-from conftest import make_synthetic_rollouts, run_script, write_tiny_vae, write_tiny_world_model
+from conftest import error_line, make_synthetic_rollouts, run_script, write_tiny_vae, write_tiny_world_model
 from models import MDNRNN, ConvVAE, MDNOutput, MDNRNNConfig, mdn_loss, sample_next_z
 from wm.checkpoint import load_checkpoint, save_checkpoint
 from wm.cli import UsageError
@@ -232,6 +232,15 @@ def test_missing_inputs_name_the_script_that_makes_them(tmp_path, synthetic_roll
         main(tiny_config(tmp_path))
     with pytest.raises(UsageError, match="collect_rollouts.py"):
         main(tiny_config(tmp_path, data_dir=str(tmp_path / "nowhere")))
+
+
+def test_a_latent_dir_that_cannot_be_written_is_one_line_before_encoding(tmp_path, synthetic_rollouts):
+    write_tiny_vae(tmp_path / "ckpt")
+    (tmp_path / "file").write_text("x")
+    latents = tmp_path / "file" / "latents"  # its parent is a file: no one, root included, can write there
+    r = run_script("train_mdnrnn.py", "--data-dir", str(synthetic_rollouts), "--latent-dir", str(latents),
+                   "--ckpt-dir", str(tmp_path / "ckpt"), "--epochs", "1")
+    assert error_line(r) == f"error: cannot write to --latent-dir {latents} (Not a directory); pass a writable folder"
 
 
 def test_train_mdnrnn_end_to_end(tmp_path, synthetic_rollouts):

@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script, start_script, write_tiny_world_model
+from conftest import ROOT, error_line, run_script, start_script, write_tiny_world_model
 from PIL import Image
 
 import compare_ppo
@@ -75,7 +75,7 @@ def test_each_arm_trains_and_writes_its_run(runs, arm, obs_shape):
     assert all(0 < int(f) <= 128 and int(s) == 20 and np.isfinite(float(ret)) for f, ret, s in rows[1:])
     events = list((run_dir / "tensorboard").glob("ppo_0/events.out.tfevents.*"))
     assert len(events) == 1 and b"time/frames" in events[0].read_bytes()
-    assert not list(run_dir.glob(".*tmp"))
+    assert not list(run_dir.glob(".*.tmp*"))
 
 
 def test_latent_arms_refuse_to_start_without_v_or_m(tmp_path, world):
@@ -89,6 +89,17 @@ def test_latent_arms_refuse_to_start_without_v_or_m(tmp_path, world):
     with pytest.raises(UsageError, match="learned every 1 frames .* pass --frame-skip 1"):
         train_ppo.main(train_ppo.Config(arm="zh", ckpt_dir=str(tmp_path), out_dir=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
+
+
+def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "ppo"  # its parent is a file: no one, root included, can write there
+    r = run_script("train_ppo.py", "--arm", "pixels", "--out-dir", str(out))
+    assert error_line(r) == f"error: cannot write to --out-dir {out} (Not a directory); pass a writable folder"
+    csv = tmp_path / "controller_metrics.csv"
+    csv.write_text("generation,held_out\n1,10.0\n")
+    r = run_script("compare_ppo.py", "--runs-dir", str(tmp_path), "--cmaes", f"zh={csv}", "--out", str(out / "c"))
+    assert error_line(r) == f"error: cannot write --out {out / 'c.png'} (Not a directory); pass another path"
 
 
 def test_latent_observation_is_v_mean_and_m_memory(world):

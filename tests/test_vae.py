@@ -148,6 +148,8 @@ def test_from_checkpoint_rebuilds_the_model():
 
 import hashlib  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 import zipfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -157,9 +159,10 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import train_vae  # noqa: E402
-from conftest import make_synthetic_rollouts, run_script  # noqa: E402
+from conftest import error_line, make_synthetic_rollouts, run_script  # noqa: E402
 from wm.checkpoint import state_fingerprint  # noqa: E402
 from wm.cli import UsageError  # noqa: E402
+from wm.files import temporary_path  # noqa: E402
 from wm.rollouts import rollout_path, write_rollout  # noqa: E402
 
 OUTPUTS = ("vae.pt", "vae_last.pt", "vae_metrics.csv", "vae_loss.png", "vae_recon.png",
@@ -205,8 +208,13 @@ def test_resume_continues_the_epoch_count(trained, tmp_path, capsys):
     data, ckpt = copy_of(trained, tmp_path)
     first = torch.load(ckpt / "vae_last.pt", weights_only=True)
     steps = first["optimizer"]["state"][0]["step"].item()
+    killed = subprocess.Popen([sys.executable, "-c", ""])
+    killed.wait()
+    half = temporary_path(ckpt / "vae_last.pt", killed.pid)  # what a save killed half-way leaves
+    half.write_bytes(b"half a checkpoint")
     capsys.readouterr()
     train_vae.main(tiny(data, ckpt, epochs=2))
+    assert not half.exists()  # the next save of vae_last.pt removed it
     out = capsys.readouterr().out
     assert "resuming" in out and "epoch 2 " in out and "epoch 1 " not in out
     last = torch.load(ckpt / "vae_last.pt", weights_only=True)
@@ -236,6 +244,14 @@ def test_script_end_to_end(synthetic_rollouts, tmp_path):
     assert recon.width > 8 * 64 and recon.height >= 2 * 64  # 8 frames above 8 reconstructions
     ckpt_data = torch.load(ckpt / "vae.pt", weights_only=True)
     assert ckpt_data["model_args"] == {"latent_size": 8} and ckpt_data["config"]["batch_size"] == 32
+
+
+def test_a_ckpt_dir_that_cannot_be_written_is_one_line_before_training(synthetic_rollouts, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "ckpt"  # its parent is a file: no one, root included, can write there
+    r = run_script("train_vae.py", "--data-dir", str(synthetic_rollouts), "--ckpt-dir", str(out), "--epochs", "1")
+    assert error_line(r) == f"error: cannot write to --ckpt-dir {out} (Not a directory); pass a writable folder"
+    assert "epoch" not in r.stdout
 
 
 def test_missing_or_empty_data_dir_names_collect_rollouts(tmp_path):
@@ -281,7 +297,7 @@ def test_nan_loss_stops_and_leaves_the_checkpoints_whole(trained, tmp_path, monk
     with pytest.raises(UsageError, match="diverged in epoch 2.*vae_last.pt is left"):
         train_vae.main(tiny(data, ckpt, epochs=2))
     assert {name: digest(ckpt / name) for name in before} == before
-    assert not list(ckpt.glob("*.tmp"))
+    assert not list(ckpt.glob(".*.tmp*"))
 
 
 def test_split_is_by_rollout_and_fixed_by_the_seed():

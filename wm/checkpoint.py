@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from wm.cli import fail
+from wm.files import write_atomically
 
 # Which script writes each checkpoint, named in the error when one is missing.
 MAKERS = {
@@ -62,21 +63,6 @@ def _on_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_on_cpu(v) for v in obj)
     return obj
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)` writes the file under a temporary name in the same folder,
-    which is then renamed to `path`: a kill at any moment leaves the previous
-    file whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None,

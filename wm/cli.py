@@ -3,7 +3,9 @@
 Each script declares its hyperparameters once, in a `@dataclass Config` at the
 top of the file with a trailing comment per field. `parse_config(Config)` turns
 every field into a flag (`lr` -> `--lr`, `max_steps` -> `--max-steps`) whose
-help text is that comment, so `--help` always matches the file.
+help text is that comment, so `--help` always matches the file. Every
+value, from a flag or a `--config` file, is checked against its field's type
+and against RANGES before `main` runs.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import dataclasses
 import inspect
 import json
 import re
+import reprlib
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, get_type_hints
 
 
 class UsageError(SystemExit):
@@ -75,6 +78,11 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def flag(name: str) -> str:
+    """The flag of a Config field: `max_steps` -> `--max-steps`."""
+    return "--" + name.replace("_", "-")
+
+
 def build_parser(config_cls: type) -> argparse.ArgumentParser:
     doc = inspect.getmodule(config_cls).__doc__ or ""
     parser = argparse.ArgumentParser(
@@ -88,39 +96,96 @@ def build_parser(config_cls: type) -> argparse.ArgumentParser:
     hints = {f.name: f.type for f in dataclasses.fields(config_cls)}
     for f in dataclasses.fields(config_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
         help_text = comments.get(f.name, "")
         help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
         kind = hints[f.name] if not isinstance(hints[f.name], str) else None
         if isinstance(default, bool) or kind is bool or hints[f.name] == "bool":
-            parser.add_argument(flag, dest=f.name, type=_parse_bool, nargs="?", const=True,
+            parser.add_argument(flag(f.name), dest=f.name, type=_parse_bool, nargs="?", const=True,
                                 default=None, metavar="BOOL", help=help_text)
         elif default is None:
-            parser.add_argument(flag, dest=f.name, type=str, default=None, help=help_text)
+            parser.add_argument(flag(f.name), dest=f.name, type=str, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=type(default), default=None, help=help_text)
+            parser.add_argument(flag(f.name), dest=f.name, type=type(default), default=None, help=help_text)
     return parser
 
 
+# The range of every number option, by name, in whichever script (or bench.py
+# subcommand) has it. action_repeat is left to each script: 0 means "M's" in
+# train_controller.py and nothing in collect_rollouts.py.
+RANGES = [  # (what the error says, the test, the options)
+    ("at least 1", lambda v: v >= 1, {
+        "rollouts", "episodes", "max_steps", "workers", "epochs", "batch_size", "buffer_rollouts",
+        "latent_size", "seq_len", "hidden_size", "n_gaussians", "encode_batch", "strip_steps",
+        "strip_every", "rollouts_per_member", "generations", "eval_every", "eval_episodes", "frames",
+        "n_envs", "frame_skip", "frame_stack", "n_steps", "n_epochs", "sde_sample_freq", "save_every",
+        "window", "steps", "rounds", "repeats"}),
+    ("at least 2 (CMA-ES ranks members against each other)", lambda v: v >= 2, {"pop_size"}),
+    ("non-negative", lambda v: v >= 0, {
+        "seed", "threads", "patience", "strip_start", "kl_floor", "reward_weight", "done_weight",
+        "ent_coef", "vf_coef"}),
+    ("positive", lambda v: v > 0, {
+        "lr", "grad_clip", "max_grad_norm", "clip_range", "sigma0", "temperature", "dream_temperature",
+        "seconds"}),
+    ("between 0 and 1", lambda v: 0 < v < 1, {"val_fraction"}),
+    ("from 0 to 1", lambda v: 0 <= v <= 1, {"gamma", "gae_lambda"}),
+]
+
+# How a --config error names each JSON type an option takes.
+TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
 def parse_config(config_cls: type, argv: list[str] | None = None):
-    """Defaults from the dataclass, then a `--config` JSON file, then flags."""
+    """Defaults from the dataclass, then a `--config` JSON file, then flags;
+    every value is checked against RANGES, with one line naming its flag, or
+    its key and file."""
     parser = build_parser(config_cls)
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}  # how an error names the option: its flag, or its key and file
     if args.config is not None:
-        try:
-            values.update(json.loads(args.config.read_text()))
-        except (OSError, ValueError) as e:
-            raise fail(f"cannot read --config {args.config}: {e}")
-        names = {f.name for f in dataclasses.fields(config_cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise fail(f"{args.config} sets unknown option(s) {', '.join(unknown)}; see --help")
+        values = read_config_file(args.config, config_cls)
+        where = {name: f"{name} in {args.config}" for name in values}
     for f in dataclasses.fields(config_cls):
         v = getattr(args, f.name)
         if v is not None:
             values[f.name] = v
-    return config_cls(**values)
+            where[f.name] = flag(f.name)
+    cfg = config_cls(**values)
+    check_ranges(vars(cfg), where)
+    return cfg
+
+
+def check_ranges(values: dict[str, Any], where: dict[str, str] | None = None) -> None:
+    """Fail with one line for the first value out of its range in RANGES, named
+    as `where` says (else by its flag)."""
+    for name, value in values.items():
+        for rule, ok, names in RANGES:
+            if name in names and not ok(value):
+                raise fail(f"{(where or {}).get(name, flag(name))} must be {rule}, got {value}")
+
+
+def read_config_file(path: Path, config_cls: type) -> dict[str, Any]:
+    """The options a `--config` JSON file sets, each of its field's type (an
+    int where a float goes is a float), or one line naming the key and file."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise fail(f"cannot read --config {path}: {e}")
+    if not isinstance(values, dict):
+        raise fail(f"--config {path} holds {reprlib.repr(values)}, not an object of options "
+                   f'such as {{"epochs": 1}}; see --help')
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise fail(f"{path} sets unknown option(s) {', '.join(unknown)}; see --help")
+    hints = get_type_hints(config_cls)
+    for name, value in values.items():
+        kind = hints[name]
+        if kind is float and type(value) is int:
+            values[name] = float(value)
+        elif kind in TYPE_NAMES and type(value) is not kind and (value, fields[name].default) != (None, None):
+            raise fail(f"{name} in {path} must be {TYPE_NAMES[kind]}, got {json.dumps(value)}; fix it there")
+    return values
 
 
 def resolve_device(name: str):

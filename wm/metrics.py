@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from wm.files import write_atomically  # noqa: E402
+
 
 class MetricsLog:
     """Append rows to a CSV; on resume, rows from epochs that will be redone are
@@ -49,13 +51,13 @@ class MetricsLog:
         self._write([{k: row.get(k, "") for k in fields} for row in rows], fields)
 
     def _write(self, rows, fields) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(rows)
+
+        write_atomically(self.path, write)
 
     def plot(self, png: str | os.PathLike, series: list[str], title: str = "",
              ylabel: str = "", logy: bool = False) -> None:
@@ -81,12 +83,10 @@ class MetricsLog:
 
 
 def save_figure(fig, png: str | os.PathLike) -> None:
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        write_atomically(png, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def image_grid(rows: list, png: str | os.PathLike, labels: list[str] | None = None,
@@ -109,8 +109,4 @@ def image_grid(rows: list, png: str | os.PathLike, labels: list[str] | None = No
         for i, label in enumerate(labels):
             draw.text((4, int(i * row_h + row_h / 2) - 5), label, fill="black")
         grid = canvas
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(f".{png.stem}.tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, png)
+    write_atomically(png, grid.save)

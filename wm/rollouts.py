@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from wm.cli import fail
+from wm.files import temporary_path, write_atomically
 from wm.frames import FRAME_SIZE
 
 KEYS = ("observations", "actions", "rewards", "terminated", "truncated")
@@ -32,14 +33,7 @@ def rollout_path(out_dir: str | os.PathLike, seed: int) -> Path:
 
 def write_rollout(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """Write atomically: a kill leaves either the whole file or none."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomically(path, lambda tmp: np.savez_compressed(tmp, **arrays))
 
 
 class BadRollout(ValueError):
@@ -134,7 +128,7 @@ def is_complete(path: str | os.PathLike) -> bool:
 
 def remove_stale_temporaries(out_dir: str | os.PathLike) -> None:
     """Temporary files left by a run that was killed mid-write."""
-    for tmp in Path(out_dir).glob(".rollout_*.tmp.npz"):
+    for tmp in Path(out_dir).glob(temporary_path(Path("rollout_*.npz"), "*").name):
         tmp.unlink(missing_ok=True)
 
 
