@@ -7,6 +7,12 @@ same file. Files are written atomically, so a rerun skips finished rollouts
 and redoes any partial or unreadable one; Ctrl-C leaves no half-written file.
 Workers run the pixel-identical fast environment (wm/env.py).
 
+Collection has tracks of its own, 10,000-99,999 (wm/env.py; --seed defaults
+to 10,000): V and M learn from these rollouts, and dreams start from their
+first frames, which show the whole track, so none may be a track that
+evaluate.py (0-9,999) or C's held-out score (100,000 on) drives. A one-line
+warning says when --out-dir would hold rollouts of such tracks.
+
 --action-repeat k holds each action for k frames: a rollout keeps one row per
 action (the frame seen before it, the rewards of its k frames summed), about
 1000 / k rows, and records k. A folder holds one k: collecting into a folder
@@ -22,6 +28,7 @@ usage: python collect_rollouts.py --rollouts 200 --workers 2 --out-dir data/roll
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +37,13 @@ import numpy as np
 from tqdm import tqdm
 
 from wm.cli import fail, run_main
-from wm.env import MAX_EPISODE_STEPS, make_env, step_repeat
+from wm.env import COLLECT_SEED, EVAL_SEED, HELD_OUT_SEED, MAX_EPISODE_STEPS, TRAIN_SEED, make_env, step_repeat
 from wm.files import writable_folder
 from wm.frames import preprocess
 from wm.policies import POLICIES
 from wm.pool import WorkerError, check_backend, make_pool
 from wm.rollouts import (action_repeats, is_complete, remove_stale_temporaries, rollout_path,
-                         write_rollout)
+                         rollout_seed, write_rollout)
 
 
 @dataclass
@@ -45,7 +52,7 @@ class Config:
     max_steps: int = MAX_EPISODE_STEPS  # frames per episode at most (the environment's limit)
     workers: int = os.cpu_count() or 1  # parallel processes, or Ray actors with --backend ray (default: all cores)
     out_dir: str = "data/rollouts"  # where the .npz files go
-    seed: int = 0  # rollout i drives track seed seed + i
+    seed: int = COLLECT_SEED  # rollout i drives track seed seed + i; collection's own tracks are 10,000-99,999
     policy: str = "brownian"  # brownian (smoothed random walk) or uniform (independent actions)
     action_repeat: int = 1  # frames each action is held; M and C then work at this rate (the paper: 1)
     backend: str = "local"  # where the workers run: local = processes here, ray = actors on a Ray cluster
@@ -117,11 +124,27 @@ def check_action_repeat(out: Path, action_repeat: int) -> None:
                    f"or delete those files")
 
 
+def warn_on_scored_tracks(out: Path, seeds: range) -> None:
+    """One line on stderr when `out` would hold rollouts of tracks that
+    evaluate.py or C's held-out score drives: V and M learn from every
+    rollout in the folder, so they would be scored on tracks they saw."""
+    tracks = set(seeds) | {rollout_seed(f) for f in out.glob("rollout_*.npz")} - {None}
+    scored = sorted(t for t in tracks if EVAL_SEED <= t < COLLECT_SEED or HELD_OUT_SEED <= t < TRAIN_SEED)
+    if scored:
+        rollouts = f"{len(scored)} rollout{'s' * (len(scored) > 1)}"
+        print(f"warning: {out} would hold {rollouts} of tracks that are scored (e.g. seed {scored[0]}: "
+              f"evaluate.py scores tracks {EVAL_SEED:,}-{COLLECT_SEED - 1:,}, C's held-out score "
+              f"{HELD_OUT_SEED:,}-{TRAIN_SEED - 1:,}), "
+              f"and V and M learn from every rollout there; collect with --seed {COLLECT_SEED} (the "
+              f"default) into a folder without them", file=sys.stderr)
+
+
 def main(cfg: Config) -> None:
     out = check_config(cfg)
     remove_stale_temporaries(out)
     seeds = range(cfg.seed, cfg.seed + cfg.rollouts)
     check_action_repeat(out, cfg.action_repeat)
+    warn_on_scored_tracks(out, seeds)
     todo = [s for s in seeds if not is_complete(rollout_path(out, s))]
     if len(todo) < cfg.rollouts:
         print(f"{cfg.rollouts - len(todo)} of {cfg.rollouts} rollouts already in {out}; "

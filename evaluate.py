@@ -1,9 +1,14 @@
 """Stage 5: score the agent on gymnasium's own CarRacing-v3, and watch it drive.
 
 Each episode drives a new track (seed, seed + 1, ...) until the car finishes
-the lap or the time limit; the score is the episode's total reward. The paper
-reports the mean and standard deviation over 100 episodes (906 +- 21 for V,
-M and C; "solved" is 900).
+the lap or the time limit; the score is the episode's total reward. The
+paper reports the mean and standard deviation over 100 episodes (906 +- 21
+for V, M and C; "solved" is 900).
+
+Tracks 0-9,999 are evaluation's own (wm/env.py): the rollouts that V and M
+learn from are collected on others. A one-line warning says when some of
+the tracks scored are tracks that V or M trained on, as vae.pt and
+mdnrnn.pt record them.
 
 --video records the first episode headlessly: each frame shows the real frame,
 V's reconstruction of it and M's prediction of it from the step before, with
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.controller import Controller
+from models.controller import Controller, ControllerConfig
 from wm.agent import (AgentSpec, EpisodeRunner, build_agent, check_trained_with, load_models, map_episodes,
                       run_episode, run_episodes)
-from wm.checkpoint import load_checkpoint
+from wm.checkpoint import load_checkpoint, recorded_tracks
 from wm.cli import fail, resolve_device, run_main
-from wm.env import make_env
+from wm.env import EVAL_SEED, make_env
 from wm.files import writable_file, write_atomically
 from wm.frames import to_image
 from wm.pool import WorkerError, check_backend, make_pool
@@ -47,7 +53,7 @@ class Config:
     ckpt_dir: str = "checkpoints"  # folder of controller.pt, vae.pt and mdnrnn.pt, or a train_ppo.py run folder
     policy: str = "agent"  # agent (V, M and C), random (the baseline, needs no checkpoints) or ppo (a PPO baseline)
     episodes: int = 100  # episodes, one track each (the paper: 100)
-    seed: int = 0  # episode i drives the track of seed + i
+    seed: int = EVAL_SEED  # episode i drives the track of seed + i; 0-9,999 are evaluation's own tracks (wm/env.py)
     workers: int = os.cpu_count() or 1  # worker processes (Ray actors with --backend ray); 1 runs everything in this process (local backend)
     batch_size: int = 16  # episodes driven at once in lockstep, V, M and C batched (1 with --render human)
     max_steps: int = 1000  # time limit of an episode, in frames (CarRacing-v3's own: 1000)
@@ -163,6 +169,43 @@ def interquartile_mean(scores: list[float]) -> tuple[float, tuple[float, float]]
     return float(iqm(x)), (float(ci.low), float(ci.high))
 
 
+def world_model_tracks(cfg: Config, spec: AgentSpec) -> dict[str, set]:
+    """{"V": tracks, "M": tracks} that the V and M the scored policy reads
+    were trained on, as far as their checkpoints record them (by file name,
+    which holds the track's seed); empty for a policy that reads neither."""
+    if cfg.policy == "random":
+        return {}
+    if cfg.policy == "ppo":
+        from wm.ppo import read_run
+
+        run = read_run(cfg.ckpt_dir)
+        if run["arm"] == "pixels":
+            return {}
+        folder, with_m = Path(run["ckpt_dir"]), run["arm"] == "zh"
+    else:
+        folder, with_m = Path(cfg.ckpt_dir), Controller(ControllerConfig(**spec.controller)).uses_memory
+    names = ["vae", "mdnrnn"] if with_m else ["vae"]
+    tracks = {name: recorded_tracks(load_checkpoint(folder / f"{name}.pt", kind=name), "train_rollouts")
+              for name in names}
+    return {{"vae": "V", "mdnrnn": "M"}[name]: t for name, t in tracks.items() if t}
+
+
+def warn_on_seen_tracks(seeds: list[int], trained_on: dict[str, set]) -> None:
+    """One line on stderr when some of the tracks to score are tracks that V
+    or M trained on (`world_model_tracks`): that score is not on unseen tracks."""
+    seen = set().union(*trained_on.values())
+    scored = sorted(seen.intersection(seeds))
+    if not scored:
+        return
+    unseen = seeds[0]  # the first --seed from here whose episodes meet none of them
+    while hits := seen.intersection(range(unseen, unseen + len(seeds))):
+        unseen = max(hits) + 1
+    who = " and ".join(name for name, tracks in trained_on.items() if tracks.intersection(seeds))
+    print(f"warning: {len(scored)} of the {len(seeds)} tracks scored (seeds {seeds[0]}..{seeds[-1]}) are "
+          f"tracks that {who} trained on (e.g. seed {scored[0]}), so this is no score on unseen tracks; "
+          f"--seed {unseen} scores on none of them", file=sys.stderr)
+
+
 def main(cfg: Config) -> dict:
     check_config(cfg)
     spec, params = agent_spec(cfg)
@@ -170,6 +213,7 @@ def main(cfg: Config) -> dict:
         if path:
             writable_file(path, name)  # now, not after the last episode
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
+    warn_on_seen_tracks(seeds, world_model_tracks(cfg, spec))
     results: dict[int, tuple[float, int]] = {}
     t0 = time.time()
 

@@ -23,7 +23,9 @@ k=${ACTION_REPEAT:-2}
 # V and M, unless they are finished and shipped (mdnrnn.pt without the
 # mdnrnn_last.pt that training leaves behind, which git does not keep).
 if [ ! -f "$ckpt/mdnrnn.pt" ] || [ -f "$ckpt/mdnrnn_last.pt" ]; then
-    # V learns from every frame of 400 random rollouts.
+    # V learns from every frame of 400 random rollouts, of collection's own
+    # tracks (10,000 on). The shipped V's were tracks 0-399 (--seed 0), which
+    # evaluate.py also scores: it says so.
     python collect_rollouts.py --rollouts 400 --workers "$workers"
     python train_vae.py --ckpt-dir "$ckpt" --epochs 3
     # M models every k-th frame, so it learns from rollouts that hold each

@@ -48,6 +48,7 @@ from wm.agent import AgentSpec, EpisodeRunner, load_models, map_episodes
 from wm.checkpoint import save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.dream import make_dream, save_dream_strip
+from wm.env import HELD_OUT_SEED, SEED_LIMIT, TRAIN_SEED  # the track-seed ranges
 from wm.files import writable_folder, write_atomically
 from wm.metrics import MetricsLog
 from wm.pool import Pool, WorkerError, check_backend, make_pool
@@ -79,19 +80,12 @@ class Config:
     ray_address: str = ""  # --backend ray: empty joins the Ray running here or starts one, auto joins a running cluster, or HOST:PORT
 
 
-# Track seeds: held-out tracks are HELD_OUT_SEED + i, training tracks are drawn
-# from [TRAIN_SEED, 2**31), and evaluate.py scores on 0, 1, 2, ... by default,
-# so the three sets never meet.
-HELD_OUT_SEED = 100_000
-TRAIN_SEED = 1_000_000
-
-
 def train_seeds(seed: int, generation: int, n: int) -> list[int]:
     """The tracks of one generation, the same for every member, so that members
     are ranked on equal terms; drawn from (seed, generation) so a resumed run
     redoes a generation on the same tracks."""
     rng = np.random.default_rng([seed, generation])
-    return rng.integers(TRAIN_SEED, 2**31, size=n).tolist()
+    return rng.integers(TRAIN_SEED, SEED_LIMIT, size=n).tolist()
 
 
 class RealFitness:

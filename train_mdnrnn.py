@@ -5,7 +5,9 @@ those missing or stale), then trains M to predict z_{t+1}, the reward and the
 episode's end from z_t and a_t. Writes checkpoints/mdnrnn.pt (best validation
 loss), mdnrnn_last.pt (to resume from), mdnrnn_metrics.csv, mdnrnn_loss.png
 and, after training, mdnrnn_strip.png: real frames, V's reconstructions, M's
-one-step predictions and an open-loop dream on a held-out rollout. A rerun
+one-step predictions and an open-loop dream on a held-out rollout. M holds
+out the rollouts on V's validation tracks (vae.pt records them), so neither
+V nor M trained on the tracks of its held-out loss and strip. A rerun
 resumes from mdnrnn_last.pt; --restart starts over.
 
 M steps once per row of the rollouts: every k-th game frame for rollouts
@@ -18,6 +20,7 @@ usage: python train_mdnrnn.py --data-dir data/rollouts --ckpt-dir checkpoints --
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,13 +30,13 @@ import torch
 from tqdm import tqdm
 
 from models import MDNRNN, ConvVAE, MDNRNNConfig, mdn_loss
-from wm.checkpoint import load_checkpoint, resume_training, save_checkpoint
+from wm.checkpoint import load_checkpoint, recorded_tracks, resume_training, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.files import writable_folder
 from wm.frames import to_image
 from wm.latents import check_latent_size, encode_rollouts
 from wm.metrics import MetricsLog, image_grid
-from wm.rollouts import action_repeats, list_rollouts, read_rollout
+from wm.rollouts import action_repeats, list_rollouts, read_rollout, track_of
 
 
 @dataclass
@@ -50,7 +53,7 @@ class Config:
     n_gaussians: int = 5  # mixture components per dimension of z (the paper: 5)
     reward_weight: float = 1.0  # weight of the reward regression term (0 turns the head off)
     done_weight: float = 1.0  # weight of the episode-end term (0 turns the head off)
-    val_fraction: float = 0.1  # share of rollouts held out for validation and the strip
+    val_fraction: float = 0.1  # share of rollouts held out when vae.pt records no split (else: V's validation tracks)
     encode_batch: int = 256  # frames per V forward pass when encoding
     strip_steps: int = 12  # frames in the strip PNG
     strip_every: int = 5  # show every k-th step in the strip (M still steps every row)
@@ -170,6 +173,35 @@ def folder_action_repeat(data_dir: str, files: list[Path]) -> int:
     return next(iter(found), 1)
 
 
+def hold_out_like_v(latents: list[tuple[Path, dict]], vae_ckpt: dict,
+                    cfg: Config) -> tuple[list[tuple[Path, dict]], list[tuple[Path, dict]]]:
+    """Split (rollout, latents) pairs into M's training and held-out sets.
+
+    M holds out the rollouts on V's validation tracks (vae.pt's
+    `val_rollouts`), matched by track seed, so that M on another folder of the
+    same tracks (another --action-repeat) holds out the same tracks: its
+    held-out loss and strip are then on tracks neither V nor M learned from.
+    A vae.pt that records no split, or none of whose validation tracks is in
+    --data-dir, gets a warning and the old rule: the last rollouts in file
+    order (--val-fraction, at least one when there are two)."""
+    v_val = recorded_tracks(vae_ckpt, "val_rollouts")
+    if v_val is not None:
+        val = [pair for pair in latents if track_of(pair[0]) in v_val]
+        if val and len(val) == len(latents):
+            raise fail(f"every rollout in {cfg.data_dir} is on one of V's validation tracks, which M "
+                       f"holds out too, so none is left to train on; collect rollouts of other tracks "
+                       f"into it with collect_rollouts.py")
+        if val:
+            return [pair for pair in latents if track_of(pair[0]) not in v_val], val
+        why = f"none of the {len(latents)} rollouts in {cfg.data_dir} is on V's validation tracks"
+    else:
+        why = "vae.pt does not record which rollouts V held out (it predates that)"
+    n_val = min(len(latents) - 1, max(1, round(cfg.val_fraction * len(latents)))) if len(latents) > 1 else 0
+    print(f"warning: {why}; M holds out the last {n_val} of them instead, which V may have "
+          f"trained on", file=sys.stderr)
+    return latents[:len(latents) - n_val], latents[len(latents) - n_val:]
+
+
 def main(cfg: Config) -> dict:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -192,12 +224,10 @@ def main(cfg: Config) -> dict:
                         action_repeat=action_repeat)
     check_latent_size(latents, mcfg.latent_size)
 
-    # Hold out whole rollouts: the last ones in file order, at least one when there are two.
-    n_val = min(len(latents) - 1, max(1, round(cfg.val_fraction * len(latents)))) if len(latents) > 1 else 0
-    train_set, val_set = latents[:len(latents) - n_val], latents[len(latents) - n_val:]
+    train_set, val_set = hold_out_like_v(latents, vae_ckpt, cfg)
     train_w = make_windows([d for _, d in train_set], cfg.seq_len)
     val_w = make_windows([d for _, d in val_set], cfg.seq_len) if val_set else None
-    print(f"{len(train_set)} train / {len(val_set)} val rollouts, {len(train_w['actions'])} "
+    print(f"{len(train_set)} train / {len(val_set)} held-out rollouts, {len(train_w['actions'])} "
           f"train sequences of {cfg.seq_len} steps, latent size {mcfg.latent_size}, device {device}")
 
     model = MDNRNN(mcfg).to(device)
@@ -238,7 +268,8 @@ def main(cfg: Config) -> dict:
         payload = {"kind": "mdnrnn", "model": model.state_dict(), "model_args": asdict(mcfg),
                    "config": asdict(cfg), "optimizer": optimizer.state_dict(), "epoch": epoch,
                    "vae_fingerprint": vae_fp, "train_loss": train["loss"], "val_loss": val["loss"],
-                   "best_val": best}
+                   "best_val": best, "train_rollouts": [p.name for p, _ in train_set],
+                   "val_rollouts": [p.name for p, _ in val_set]}
         if is_best:  # the one to use: weights only (the optimizer stays in mdnrnn_last.pt)
             save_checkpoint(ckpt_dir / "mdnrnn.pt", {k: v for k, v in payload.items() if k != "optimizer"})
         save_checkpoint(last_path, payload)

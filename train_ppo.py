@@ -44,6 +44,7 @@ from stable_baselines3.common.vec_env import SubprocVecEnv, VecNormalize
 
 from wm.agent import check_trained_with
 from wm.cli import fail, resolve_device, run_main
+from wm.env import SEED_LIMIT, TRAIN_SEED
 from wm.files import writable_folder, write_atomically
 from wm.metrics import MetricsLog
 from wm.ppo import ARMS, EPISODES_FILE, MODEL_FILE, NORM_FILE, RUN_FILE, ArmEnvMaker, make_view, read_run
@@ -83,9 +84,6 @@ class Config:
 # What a rerun may change without starting the run over; every other field
 # must match the saved run.
 FREE_FIELDS = ("seeds", "frames", "ckpt_dir", "out_dir", "save_every", "restart", "device", "progress")
-# The first tracks of a run are drawn from [TRAIN_SEED, 2**31), like
-# train_controller.py's, so they never meet evaluate.py's (0, 1, 2, ...).
-TRAIN_SEED = 1_000_000
 
 
 def check_config(cfg: Config) -> None:
@@ -108,8 +106,9 @@ def parse_seeds(text: str) -> list[int]:
 def first_track(seed: int, steps: int) -> int:
     """The track seed of environment 0's first episode (environment i: + i)
     in a run that starts or resumes after `steps` agent steps: a resumed run
-    does not drive its first tracks again."""
-    return int(np.random.default_rng([seed, steps]).integers(TRAIN_SEED, 2**31 - 1024))
+    does not drive its first tracks again. Drawn from C's training range
+    (wm/env.py), like train_controller.py's, so they never meet evaluate.py's."""
+    return int(np.random.default_rng([seed, steps]).integers(TRAIN_SEED, SEED_LIMIT - 1024))
 
 
 class SaveRun(BaseCallback):

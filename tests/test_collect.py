@@ -14,6 +14,7 @@ import pytest
 
 from collect_rollouts import collect_one
 from tests.conftest import ROOT, default_sigint, pool_workers, run_script, start_script
+from wm.env import COLLECT_SEED
 from wm.rollouts import is_complete, read_action_repeat, read_rollout, rollout_path, write_rollout
 
 
@@ -64,14 +65,14 @@ def test_rerun_skips_complete_and_redoes_partial(tmp_path):
     args = ("collect_rollouts.py", "--rollouts", "2", "--max-steps", "20", "--workers", "1",
             "--out-dir", str(out))
     assert run_script(*args).returncode == 0
-    good, bad = rollout_path(out, 0), rollout_path(out, 1)
+    good, bad = rollout_path(out, COLLECT_SEED), rollout_path(out, COLLECT_SEED + 1)  # the default seeds
     good_mtime = good.stat().st_mtime_ns
     bad.write_bytes(bad.read_bytes()[:500])  # a truncated file
     (out / ".rollout_0000009.123.tmp.npz").write_bytes(b"junk")  # left by a killed run
     assert not is_complete(bad)
     res = run_script(*args)
     assert res.returncode == 0, res.stderr
-    assert "1 of 2 rollouts already" in res.stdout
+    assert "1 of 2 rollouts already" in res.stdout and "warning" not in res.stderr
     assert good.stat().st_mtime_ns == good_mtime
     assert is_complete(bad) and len(read_rollout(bad)["actions"]) == 20
     assert not list(out.glob(".*tmp*"))
@@ -209,3 +210,44 @@ def test_action_repeat_keeps_one_row_per_held_action_and_records_k(tmp_path):
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "collected with --action-repeat 3" in res.stderr and "another --out-dir" in res.stderr
     assert path.stat().st_mtime_ns == mtime
+
+
+def test_each_use_of_a_track_has_its_own_seeds():
+    """Collection's default tracks meet neither evaluation's nor C's held-out
+    or training tracks, even at the paper's 10,000 rollouts."""
+    import collect_rollouts
+    import evaluate
+    import train_controller
+    from wm.env import EVAL_SEED, HELD_OUT_SEED, SEED_LIMIT, TRAIN_SEED
+
+    ranges = {"evaluation": range(EVAL_SEED, COLLECT_SEED), "collection": range(COLLECT_SEED, HELD_OUT_SEED),
+              "held-out": range(HELD_OUT_SEED, TRAIN_SEED), "training": range(TRAIN_SEED, SEED_LIMIT)}
+    assert EVAL_SEED < COLLECT_SEED < HELD_OUT_SEED < TRAIN_SEED < SEED_LIMIT  # so the ranges are disjoint
+
+    def within(name, seeds):
+        return all(s in ranges[name] for s in seeds)
+
+    collect = collect_rollouts.Config()
+    assert within("collection", range(collect.seed, collect.seed + 10_000))
+    ev = evaluate.Config()
+    assert within("evaluation", range(ev.seed, ev.seed + ev.episodes))
+    c = train_controller.Config()
+    assert within("held-out", [train_controller.HELD_OUT_SEED + i for i in range(c.eval_episodes)])
+    assert within("training", [s for g in range(100) for s in train_controller.train_seeds(c.seed, g, 16)])
+
+
+def test_a_warning_when_the_folder_would_hold_scored_tracks(tmp_path, capsys):
+    from collect_rollouts import warn_on_scored_tracks
+
+    out = tmp_path / "r"
+    out.mkdir()
+    warn_on_scored_tracks(out, range(COLLECT_SEED, COLLECT_SEED + 400))  # the defaults
+    assert capsys.readouterr().err == ""
+    warn_on_scored_tracks(out, range(0, 400))  # the shipped V's rollouts: evaluate.py's tracks 0..99
+    assert capsys.readouterr().err.startswith(f"warning: {out} would hold 400 rollouts of tracks that are scored")
+    warn_on_scored_tracks(out, range(99_990, 100_010))  # into C's held-out tracks
+    assert "would hold 10 rollouts" in capsys.readouterr().err
+    # Rollouts of evaluation's tracks already in the folder: V and M would learn from them too.
+    write_rollout(rollout_path(out, 7), observations=np.zeros((1, 64, 64, 3), np.uint8))
+    warn_on_scored_tracks(out, range(COLLECT_SEED, COLLECT_SEED + 400))
+    assert "would hold 1 rollout of tracks that are scored (e.g. seed 7" in capsys.readouterr().err

@@ -124,3 +124,44 @@ def test_the_agent_holds_its_actions_as_controller_pt_says(tmp_path):
     assert evaluate.agent_spec(Config(ckpt_dir=str(tmp_path)))[0].action_repeat == 3  # what the workers get
     write_tiny_controller(tmp_path)  # a controller.pt from before the flag: k = 1
     assert evaluate.agent_spec(Config(ckpt_dir=str(tmp_path)))[0].action_repeat == 1
+
+
+def test_a_warning_when_the_tracks_scored_are_tracks_v_or_m_trained_on(tmp_path, capsys):
+    from wm.checkpoint import load_checkpoint, save_checkpoint
+    from wm.env import COLLECT_SEED
+    from wm.rollouts import rollout_path
+
+    write_tiny_world_model(tmp_path)
+    write_tiny_controller(tmp_path)
+
+    def trained_on(name, seeds):  # what train_vae.py and train_mdnrnn.py record (the fingerprint stays)
+        ckpt = load_checkpoint(tmp_path / f"{name}.pt", name)
+        save_checkpoint(tmp_path / f"{name}.pt", {**ckpt, "train_rollouts": [rollout_path("", s).name for s in seeds]})
+
+    def warning(seed=0):  # what evaluate.main prints before it drives 2 episodes from `seed`
+        cfg = Config(ckpt_dir=str(tmp_path), seed=seed, episodes=2)
+        capsys.readouterr()
+        evaluate.warn_on_seen_tracks([seed, seed + 1], evaluate.world_model_tracks(cfg, evaluate.agent_spec(cfg)[0]))
+        return capsys.readouterr().err
+
+    assert warning() == ""  # checkpoints that record no rollouts: nothing to say
+    trained_on("vae", range(COLLECT_SEED, COLLECT_SEED + 5))  # collection's own tracks
+    assert warning() == ""
+    trained_on("vae", range(1, 5))  # V on tracks 1..4, as the shipped V on 0..399
+    trained_on("mdnrnn", [0])
+    evaluate.main(Config(ckpt_dir=str(tmp_path), episodes=2, workers=1, max_steps=5))
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "warning: 2 of the 2 tracks scored (seeds 0..1) are tracks that V and M trained on (e.g. seed 0), "
+        "so this is no score on unseen tracks; --seed 5 scores on none of them"]
+    assert warning(seed=5) == ""
+    write_tiny_controller(tmp_path, features="z")  # C without M: only V's tracks count
+    assert "1 of the 2 tracks scored (seeds 0..1) are tracks that V trained on (e.g. seed 1)" in warning()
+
+
+def test_the_shipped_agent_warns_that_v_trained_on_evaluation_s_tracks(capsys):
+    """The shipped V learned from rollouts of tracks 0..399, before collection
+    had tracks of its own: its headline score is on 91 tracks it trained on."""
+    cfg = Config(ckpt_dir=str(ROOT / "checkpoints" / "pretrained"))
+    spec, _ = evaluate.agent_spec(cfg)
+    evaluate.warn_on_seen_tracks(list(range(100)), evaluate.world_model_tracks(cfg, spec))
+    assert "91 of the 100 tracks scored (seeds 0..99) are tracks that V trained on" in capsys.readouterr().err

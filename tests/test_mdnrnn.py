@@ -277,3 +277,46 @@ def test_bench_mdnrnn_prints_its_numbers():
     result = json.loads(r.stdout)
     for key in ("train_seq_per_s", "cell_b1_row_steps_per_s", "cell_b1024_row_steps_per_s"):
         assert result[key] > 0, key
+
+
+def test_m_holds_out_exactly_the_tracks_v_held_out(tmp_path, capsys):
+    """V picks its validation rollouts by a seeded shuffle and vae.pt records
+    them; M holds out the same tracks, also from another folder of them
+    (another --action-repeat, as train_agent.sh trains M), and records its own."""
+    import train_vae
+    from train_mdnrnn import main
+    from wm.env import COLLECT_SEED
+
+    v_data = tmp_path / "v_rollouts"
+    names = [p.name for p in make_synthetic_rollouts(v_data, n=10, steps=4, seed=COLLECT_SEED)]
+    train_vae.main(train_vae.Config(data_dir=str(v_data), ckpt_dir=str(tmp_path / "ckpt"), epochs=1,
+                                    batch_size=16, latent_size=8, val_fraction=0.3, precision="fp32"))
+    v = load_checkpoint(tmp_path / "ckpt" / "vae.pt", "vae")
+    assert len(v["val_rollouts"]) == 3 and v["val_rollouts"] != names[-3:]  # not the last files
+    make_synthetic_rollouts(tmp_path / "rollouts", n=10, steps=12, seed=COLLECT_SEED, action_repeat=2)
+    capsys.readouterr()
+    main(tiny_config(tmp_path))
+    m = load_checkpoint(tmp_path / "ckpt" / "mdnrnn.pt", "mdnrnn")
+    assert m["val_rollouts"] == v["val_rollouts"] and m["train_rollouts"] == v["train_rollouts"]
+    assert m["model_args"]["action_repeat"] == 2  # M did read the other folder
+    assert "warning" not in capsys.readouterr().err
+
+    # M's folder holds only V's validation tracks: nothing left to train on.
+    only_val = tmp_path / "only_val"
+    only_val.mkdir()
+    for name in v["val_rollouts"]:
+        shutil.copy(tmp_path / "rollouts" / name, only_val / name)
+    with pytest.raises(UsageError, match="none is left to train on"):
+        main(tiny_config(tmp_path, data_dir=str(only_val), restart=True))
+
+    # None of V's validation tracks in M's folder, or a vae.pt that records no
+    # split: a warning, and the last rollouts are held out.
+    other = tmp_path / "other"
+    make_synthetic_rollouts(other, n=3, steps=12, seed=COLLECT_SEED + 50)
+    main(tiny_config(tmp_path, data_dir=str(other), latent_dir=str(tmp_path / "other_latents"), restart=True))
+    assert "none of the 3 rollouts" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "ckpt" / "mdnrnn.pt", "mdnrnn")["val_rollouts"] == ["rollout_0010052.npz"]
+    write_tiny_vae(tmp_path / "ckpt")
+    main(tiny_config(tmp_path, data_dir=str(other), latent_dir=str(tmp_path / "other_latents"), restart=True))
+    assert "does not record which rollouts V held out" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "ckpt" / "mdnrnn.pt", "mdnrnn")["val_rollouts"] == ["rollout_0010052.npz"]

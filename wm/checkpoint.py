@@ -9,6 +9,11 @@ A checkpoint is a dict of tensors and plain Python values, loadable with
 `fingerprint` is a hash of the model's weights. A later stage records the
 fingerprints of the checkpoints it was trained on, so that pairing it with a
 different V or M is caught instead of silently producing garbage.
+
+V's and M's checkpoints also record the file names of the rollouts they
+trained on and held out, `train_rollouts` and `val_rollouts`; a name holds
+the track's seed (`recorded_tracks`). M holds out V's validation tracks, and
+evaluate.py warns when it scores on tracks they trained on.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 from wm.cli import fail
 from wm.files import write_atomically
+from wm.rollouts import track_of
 
 # Which script writes each checkpoint, named in the error when one is missing.
 MAKERS = {
@@ -42,6 +48,14 @@ def state_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def recorded_tracks(ckpt: dict[str, Any], key: str) -> set[int | str] | None:
+    """The tracks (seeds, see `wm.rollouts.track_of`) of the rollouts that a V
+    or M checkpoint lists under `key`, "train_rollouts" or "val_rollouts";
+    None for a checkpoint that lists none (made before they were recorded)."""
+    names = ckpt.get(key)
+    return None if names is None else {track_of(name) for name in names}
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:

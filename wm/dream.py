@@ -62,6 +62,13 @@ def load_start_states(latent_dir: str | os.PathLike, vae_fingerprint: str) -> to
 
     Unreadable files are skipped with a warning; files encoded by another V
     are an error (their z means something else to M).
+
+    A first frame shows the whole track before the view zooms in, so these
+    must be no track that C is scored on: they are collection's (wm/env.py),
+    which neither evaluate.py nor C's held-out score drives. M's held-out
+    rollouts are among them, and may be: they are held out to measure V's
+    and M's losses on tracks those never learned from, which C's dreaming
+    does not touch (V and M stay frozen).
     """
     latent_dir = Path(latent_dir)
     files = sorted(latent_dir.glob("*.npz"))

@@ -53,6 +53,19 @@ ENV_ID = "CarRacing-v3"
 FAST_ENV_ID = "FastCarRacing-v3"
 MAX_EPISODE_STEPS = 1000  # as gymnasium registers CarRacing-v3
 
+# Track seeds, in one place: each use has its own range, so no track serves two.
+#   evaluation  [0, 10,000)           evaluate.py's episode i drives EVAL_SEED + i
+#   collection  [10,000, 100,000)     collect_rollouts.py's rollout i drives COLLECT_SEED + i;
+#                                     V and M learn from these, and dreams start from
+#                                     their first frames, which show the whole track
+#   held-out    [100,000, 1,000,000)  train_controller.py's held-out track i is HELD_OUT_SEED + i
+#   training    [1,000,000, 2**31)    C's (and train_ppo.py's) training tracks, drawn at random
+EVAL_SEED = 0
+COLLECT_SEED = 10_000
+HELD_OUT_SEED = 100_000
+TRAIN_SEED = 1_000_000
+SEED_LIMIT = 2**31
+
 _TWO_PI = 2 * math.pi
 _HALF_PI = math.pi / 2
 _VECTOR_EPSILON = 1e-6  # pygame's default Vector2.epsilon

@@ -14,6 +14,7 @@ Schema (T = number of steps):
 from __future__ import annotations
 
 import os
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -29,6 +30,21 @@ KEYS = ("observations", "actions", "rewards", "terminated", "truncated")
 
 def rollout_path(out_dir: str | os.PathLike, seed: int) -> Path:
     return Path(out_dir) / f"rollout_{seed:07d}.npz"
+
+
+def rollout_seed(path: str | os.PathLike) -> int | None:
+    """The track seed in a rollout's file name (rollout_path's inverse), or
+    None for a name that holds none."""
+    match = re.fullmatch(r"rollout_(\d+)\.npz", Path(path).name)
+    return int(match[1]) if match else None
+
+
+def track_of(path: str | os.PathLike) -> int | str:
+    """The track a rollout drives: its seed, so that the same track collected
+    into another folder (another --action-repeat) matches; the file name for
+    a name that holds no seed."""
+    seed = rollout_seed(path)
+    return Path(path).name if seed is None else seed
 
 
 def write_rollout(path: str | os.PathLike, **arrays: np.ndarray) -> None:
