@@ -212,8 +212,18 @@ def test_resume_continues_the_epoch_count(trained, tmp_path, capsys):
     last = torch.load(ckpt / "vae_last.pt", weights_only=True)
     assert last["epoch"] == 2
     assert last["optimizer"]["state"][0]["step"].item() == 2 * steps  # Adam's state came along
-    epochs = [int(r["epoch"]) for r in train_vae.MetricsLog(ckpt / "vae_metrics.csv").rows()]
-    assert epochs == [1, 2]
+    rows = train_vae.MetricsLog(ckpt / "vae_metrics.csv").rows()
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    # ... and lands exactly where two epochs in one run do: weights, Adam's state, losses.
+    train_vae.main(tiny(data, tmp_path / "straight", epochs=2))
+    straight = torch.load(tmp_path / "straight" / "vae_last.pt", weights_only=True)
+    for k, v in straight["model"].items():
+        assert torch.equal(last["model"][k], v), k
+    for k, v in straight["optimizer"]["state"][0].items():
+        assert torch.equal(last["optimizer"]["state"][0][k], v), k
+    straight_rows = train_vae.MetricsLog(tmp_path / "straight" / "vae_metrics.csv").rows()
+    for key in ("train_loss", "val_loss"):
+        assert [r[key] for r in rows] == [r[key] for r in straight_rows], key
     # Asking for epochs already done trains nothing; --restart starts over.
     train_vae.main(tiny(data, ckpt, epochs=2))
     assert torch.load(ckpt / "vae_last.pt", weights_only=True)["epoch"] == 2
