@@ -309,8 +309,12 @@ def test_one_generation_then_resume(tmp_path):
         ckpt_dir=str(straight), pop_size=4, rollouts_per_member=1, generations=2, max_steps=30,
         workers=1, eval_episodes=2))
     np.testing.assert_array_equal(state["es"].result.xfavorite, uninterrupted["es"].result.xfavorite)
-    rows = (tmp_path / "controller_metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows] == ["generation", "1", "2"]
+    rows = train_controller.MetricsLog(tmp_path / "controller_metrics.csv").rows()
+    assert [r["generation"] for r in rows] == ["1", "2"]
+    # CMA-ES's best (it minimises) is the best member's reward, negated; and members
+    # scored differently, so where it lands depends on which got which reward.
+    assert state["es"].result.fbest == pytest.approx(-max(float(r["best"]) for r in rows))
+    assert all(float(r["best"]) > float(r["worst"]) for r in rows)
     # A finished run has nothing left to do, and says so instead of starting over.
     state = train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, generations=2))
     assert state["es"].countiter == 2
@@ -320,6 +324,28 @@ def test_one_generation_then_resume(tmp_path):
                                  restart=True))
     rows = (tmp_path / "controller_metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["generation", "1"]
+
+
+def test_cma_es_moves_c_toward_higher_rewards_each_its_own_member_s(tmp_path, monkeypatch):
+    """train_controller's own loop, with a stub fitness in the pool's place
+    that gives every member its own reward: -||x - target||^2."""
+    write_tiny_world_model(tmp_path, latent_size=2, hidden_size=2)  # C: (2 + 2) * 3 + 3 weights
+    target = np.random.default_rng(0).normal(size=15)
+    told = []
+
+    def fitness(solutions, seeds):
+        rewards = np.array([-np.sum((x - target) ** 2) for x in solutions])
+        told.append(rewards)
+        return rewards, 0
+
+    monkeypatch.setattr(train_controller, "RealFitness", lambda *args: fitness)
+    state = train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=8, sigma0=0.5, generations=10,
+                                         rollouts_per_member=1, max_steps=5, workers=1, eval_episodes=1))
+    es = state["es"]
+    assert np.linalg.norm(es.result.xfavorite - target) < 0.5 * np.linalg.norm(target)  # it started at 0
+    # The best solution CMA-ES was told of carries its own reward, the highest of all, negated.
+    assert es.result.fbest == -max(r.max() for r in told)
+    assert es.result.fbest == pytest.approx(np.sum((es.result.xbest - target) ** 2), rel=1e-12)
 
 
 def test_a_worker_that_raises_ends_the_run_with_its_error(tmp_path):
