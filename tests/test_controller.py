@@ -254,6 +254,25 @@ def test_pool_returns_results_in_task_order_as_one_process_would():
             assert map_episodes(pool, [(None, s) for s in seeds], batch_size) == expected
 
 
+def test_the_agent_with_v_and_m_scores_in_the_pool_what_it_scores_in_process(tmp_path):
+    from dataclasses import asdict
+
+    write_tiny_world_model(tmp_path)
+    vae, mdnrnn, _ = load_models(tmp_path, with_m=True)
+    c = Controller(ControllerConfig(latent_size=8, hidden_size=16))
+    params = np.random.default_rng(0).normal(0, 2, (2, c.n_params))  # a C per episode, on [z, h]
+    params[:, -2] += 3  # full gas: the cars reach the road's tiles
+    seeds = [7, 8]
+    agent = Agent(vae, c, mdnrnn)
+    alone = [run_episodes([make_env(fast=True, max_steps=40)], agent, [s], p[None])[0]
+             for p, s in zip(params, seeds)]
+    assert alone[0][0] != alone[1][0]  # the scores say something
+    # The workers load V and M from the files, and get C's weights with each task.
+    spec = AgentSpec(ckpt_dir=str(tmp_path), controller=asdict(c.cfg), max_steps=40)
+    with WorkerPool(1, EpisodeRunner, spec) as pool:
+        assert map_episodes(pool, list(zip(params, seeds)), batch_size=1) == alone
+
+
 @pytest.mark.parametrize("fault, message", [("raise", "injected fault"), ("exit", "died .*exit code 3")])
 def test_pool_surfaces_a_failing_worker_within_seconds(monkeypatch, fault, message):
     monkeypatch.setenv("WM_FAULT", fault)
