@@ -427,6 +427,21 @@ def test_bench_repeat_prints_frames_per_second_for_each_k():
     assert result["speedup_k3"] > 0 and result["speedup_cpu_k3"] > 0 and "speedup_k1" not in result
 
 
+def test_bench_agent_times_the_env_alone_on_the_agent_s_actions(tmp_path):
+    import argparse
+
+    import bench
+
+    agent_spec, params = bench.agent_for_bench(argparse.Namespace(ckpt_dir=None, steps=40), str(tmp_path))
+    runs = {}
+    for name, runner in (("agent", EpisodeRunner(agent_spec)),
+                         ("env", bench.env_alone_runner(AgentSpec(max_steps=40)))):
+        runner.envs = [RecordActions(make_env(fast=True, max_steps=40))]
+        runs[name] = runner(params[None] if name == "agent" else None, [3]), runner.envs[0].actions
+    assert runs["env"][0] == runs["agent"][0]  # the same score over the same frames
+    np.testing.assert_array_equal(np.stack(runs["env"][1]), np.stack(runs["agent"][1]))
+
+
 @pytest.mark.parametrize("flags, message", [
     (dict(pop_size=1), "--pop-size must be at least 2"),
     (dict(workers=0), "--workers must be at least 1"),
