@@ -129,22 +129,25 @@ def bench_agent(args) -> dict:
     """Agent loop steps/s (frame -> V -> C -> env, M) on 1 worker and on all, against the env alone.
 
     V and M are untrained, at the paper's size, unless --ckpt-dir names trained
-    ones: the speed does not depend on the weights. All three numbers come from
-    the same worker pool code and the fast env, each worker driving
-    --batch-size episodes at once (V, M and C batched over them, as in
-    train_controller.py), timed after one warm-up batch per worker; --rounds
-    rounds of --episodes batches per worker, each episode --steps steps
-    (resets included). network_overhead = agent time per step / env time per
-    step - 1. --backend ray runs every pool on Ray's actors (see time_pools)."""
+    ones: the speed does not depend on the weights. C has zero weights (CMA-ES's
+    start), so that it steers straight at half gas whatever it sees, and the
+    env alone is driven so too (StraightAgent): both render the same frames.
+    All three numbers come from the same worker pool code and the fast env,
+    each worker driving --batch-size episodes at once (V, M and C batched over
+    them, as in train_controller.py), timed after one warm-up batch per
+    worker; --rounds rounds of --episodes batches per worker, each episode
+    --steps steps (resets included). network_overhead = agent time per step /
+    env time per step - 1. --backend ray runs every pool on Ray's actors (see
+    time_pools)."""
     import tempfile
 
-    from wm.agent import AgentSpec
+    from wm.agent import AgentSpec, EpisodeRunner
 
     with tempfile.TemporaryDirectory() as tmp:
         agent, params = agent_for_bench(args, tmp)
-        env_only = AgentSpec(max_steps=args.steps)  # random actions, no networks
         n = args.workers
-        runs = {"env": (env_only, 1, None), "one": (agent, 1, params), "all": (agent, n, params)}
+        runs = {"env": (env_alone_runner, AgentSpec(max_steps=args.steps), 1, None),
+                "one": (EpisodeRunner, agent, 1, params), "all": (EpisodeRunner, agent, n, params)}
         steps, seconds, cpu = time_pools(runs, args)
     env_sps, one, many = (steps[k] / seconds[k] for k in runs)
     return {
@@ -172,10 +175,12 @@ def bench_repeat(args) -> dict:
     import tempfile
     from dataclasses import replace
 
+    from wm.agent import EpisodeRunner
+
     ks = [int(k) for k in args.action_repeat.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         agent, params = agent_for_bench(args, tmp)
-        runs = {k: (replace(agent, action_repeat=k), 1, params) for k in ks}
+        runs = {k: (EpisodeRunner, replace(agent, action_repeat=k), 1, params) for k in ks}
         frames, seconds, cpu = time_pools(runs, args)
     rate = {k: frames[k] / seconds[k] for k in ks}
     return {
@@ -190,8 +195,8 @@ def bench_repeat(args) -> dict:
 
 def agent_for_bench(args, tmp: str):
     """(AgentSpec of V, M and C on the fast env with --steps frames an episode,
-    C's flat weights): the models of --ckpt-dir, or untrained ones at the
-    paper's size written to `tmp`."""
+    C's flat weights, all zero): the models of --ckpt-dir, or untrained ones
+    at the paper's size written to `tmp`."""
     from dataclasses import asdict
 
     from models import MDNRNN, ConvVAE, MDNRNNConfig, VAEConfig
@@ -210,20 +215,50 @@ def agent_for_bench(args, tmp: str):
     m_args = load_checkpoint(f"{ckpt_dir}/mdnrnn.pt", "mdnrnn")["model_args"]
     ccfg = ControllerConfig(latent_size=m_args["latent_size"], hidden_size=m_args["hidden_size"])
     spec = AgentSpec(ckpt_dir=ckpt_dir, controller=asdict(ccfg), max_steps=args.steps)
-    return spec, Controller(ccfg).get_flat()
+    return spec, np.zeros(Controller(ccfg).n_params)
+
+
+class StraightAgent:
+    """The env alone's driver: what C with zero weights does whatever it sees
+    (steer straight, half gas, no brake), without V, M or C."""
+
+    def __init__(self):
+        import torch
+
+        from models.controller import squash
+
+        self.action = squash(torch.zeros(3)).numpy()  # C's last layer outputs its bias, 0
+
+    def reset(self, seeds, params=None) -> None:
+        pass
+
+    def act(self, frames: np.ndarray) -> np.ndarray:
+        return np.tile(self.action, (len(frames), 1))  # (K, 3)
+
+    def keep(self, rows) -> None:
+        pass
+
+
+def env_alone_runner(spec):
+    """A pool worker: wm.agent.EpisodeRunner, driving with StraightAgent."""
+    from wm.agent import EpisodeRunner
+
+    runner = EpisodeRunner(spec)
+    runner.agent = StraightAgent()
+    return runner
 
 
 def time_pools(runs: dict, args) -> tuple[dict, dict, dict]:
-    """runs: {name: (AgentSpec, workers, C's flat weights or None)}. One
-    worker pool per run, on --backend; after one warm-up batch per worker,
-    --rounds rounds that alternate the runs, so that all see the same machine
-    load, each of --episodes batches of --batch-size episodes per worker. ->
+    """runs: {name: (worker factory, AgentSpec, workers, C's flat weights or
+    None)}. One worker pool per run, on --backend; after one warm-up batch per
+    worker, --rounds rounds that alternate the runs, so that all see the same
+    machine load, each of --episodes batches of --batch-size episodes per worker. ->
     (environment steps, wall-clock seconds, the workers' CPU seconds) per run.
 
     On Ray with no --ray-address, the local instance started here counts a
     CPU for every actor of every pool, since each actor holds one: only one
     pool runs at a time, so the machine's cores still serve one pool."""
-    from wm.agent import EpisodeRunner, map_episodes
+    from wm.agent import map_episodes
     from wm.pool import check_backend, make_pool
 
     K = args.batch_size
@@ -232,15 +267,15 @@ def time_pools(runs: dict, args) -> tuple[dict, dict, dict]:
     if args.backend == "ray" and not args.ray_address:
         import ray
 
-        ray.init(num_cpus=sum(w for _, w, _ in runs.values()), include_dashboard=False)
+        ray.init(num_cpus=sum(w for _, _, w, _ in runs.values()), include_dashboard=False)
     try:
-        for name, (spec, w, _) in runs.items():
-            pools[name] = make_pool(args.backend, w, EpisodeRunner, spec, ray_address=args.ray_address)
-        for name, (_, w, p) in runs.items():  # warm-up, which also makes each worker's K environments
+        for name, (runner, spec, w, _) in runs.items():
+            pools[name] = make_pool(args.backend, w, runner, spec, ray_address=args.ray_address)
+        for name, (_, _, w, p) in runs.items():  # warm-up, which also makes each worker's K environments
             map_episodes(pools[name], [(p, args.seed + i) for i in range(w * K)], K)
         steps, seconds, cpu = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
         for r in range(args.rounds):
-            for name, (_, w, p) in runs.items():
+            for name, (_, _, w, p) in runs.items():
                 tasks = [(p, args.seed + 1000 * (r + 1) + i) for i in range(args.episodes * w * K)]
                 t0, c0 = time.perf_counter(), pools[name].cpu_seconds()
                 steps[name] += sum(n_steps for _, n_steps in map_episodes(pools[name], tasks, K))

@@ -48,7 +48,7 @@ from wm.rollouts import (action_repeats, is_complete, remove_stale_temporaries, 
 
 @dataclass
 class Config:
-    rollouts: int = 200  # episodes to collect (paper: 10,000; 200 gave ~175K frames here)
+    rollouts: int = 200  # episodes to collect (paper: 10,000; 200 gave 200,000 frames here)
     max_steps: int = MAX_EPISODE_STEPS  # frames per episode at most (the environment's limit)
     workers: int = os.cpu_count() or 1  # parallel processes, or Ray actors with --backend ray (default: all cores)
     out_dir: str = "data/rollouts"  # where the .npz files go

@@ -95,6 +95,27 @@ def _script_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+class FakeClock:
+    """Stands in for a bench's timers (time.perf_counter and time.process_time)
+    and moves only when timed work runs: `charge(fn, seconds)` is `fn` costing
+    `seconds(*args)` a call. A bench's rates can then be checked against the
+    work done and the seconds it should have been divided by."""
+
+    def __init__(self, monkeypatch):
+        import time
+
+        self.now = 0.0
+        for name in ("perf_counter", "process_time"):
+            monkeypatch.setattr(time, name, lambda: self.now)
+
+    def charge(self, fn, seconds):
+        def timed(*args, **kwargs):
+            self.now += seconds(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return timed
+
+
 def write_tiny_vae(ckpt_dir: Path, latent_size: int = 8, seed: int = 0) -> Path:
     """An untrained V saved as `ckpt_dir/vae.pt`, in the real checkpoint format."""
     import torch

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, pool_workers, run_script, start_script, write_tiny_world_model
+from conftest import pool_workers, run_script, start_script, write_tiny_world_model
 
 from models.controller import Controller, ControllerConfig
 from wm.agent import Agent, AgentSpec, EpisodeRunner, load_models, map_episodes, run_episode, run_episodes
@@ -252,6 +252,25 @@ def test_pool_returns_results_in_task_order_as_one_process_would():
             assert map_episodes(pool, [(None, s) for s in seeds], batch_size) == expected
 
 
+def test_the_agent_with_v_and_m_scores_in_the_pool_what_it_scores_in_process(tmp_path):
+    from dataclasses import asdict
+
+    write_tiny_world_model(tmp_path)
+    vae, mdnrnn, _ = load_models(tmp_path, with_m=True)
+    c = Controller(ControllerConfig(latent_size=8, hidden_size=16))
+    params = np.random.default_rng(0).normal(0, 2, (2, c.n_params))  # a C per episode, on [z, h]
+    params[:, -2] += 3  # full gas: the cars reach the road's tiles
+    seeds = [7, 8]
+    agent = Agent(vae, c, mdnrnn)
+    alone = [run_episodes([make_env(fast=True, max_steps=40)], agent, [s], p[None])[0]
+             for p, s in zip(params, seeds)]
+    assert alone[0][0] != alone[1][0]  # the scores say something
+    # The workers load V and M from the files, and get C's weights with each task.
+    spec = AgentSpec(ckpt_dir=str(tmp_path), controller=asdict(c.cfg), max_steps=40)
+    with WorkerPool(1, EpisodeRunner, spec) as pool:
+        assert map_episodes(pool, list(zip(params, seeds)), batch_size=1) == alone
+
+
 @pytest.mark.parametrize("fault, message", [("raise", "injected fault"), ("exit", "died .*exit code 3")])
 def test_pool_surfaces_a_failing_worker_within_seconds(monkeypatch, fault, message):
     monkeypatch.setenv("WM_FAULT", fault)
@@ -307,8 +326,12 @@ def test_one_generation_then_resume(tmp_path):
         ckpt_dir=str(straight), pop_size=4, rollouts_per_member=1, generations=2, max_steps=30,
         workers=1, eval_episodes=2))
     np.testing.assert_array_equal(state["es"].result.xfavorite, uninterrupted["es"].result.xfavorite)
-    rows = (tmp_path / "controller_metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows] == ["generation", "1", "2"]
+    rows = train_controller.MetricsLog(tmp_path / "controller_metrics.csv").rows()
+    assert [r["generation"] for r in rows] == ["1", "2"]
+    # CMA-ES's best (it minimises) is the best member's reward, negated; and members
+    # scored differently, so where it lands depends on which got which reward.
+    assert state["es"].result.fbest == pytest.approx(-max(float(r["best"]) for r in rows))
+    assert all(float(r["best"]) > float(r["worst"]) for r in rows)
     # A finished run has nothing left to do, and says so instead of starting over.
     state = train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, generations=2))
     assert state["es"].countiter == 2
@@ -318,6 +341,28 @@ def test_one_generation_then_resume(tmp_path):
                                  restart=True))
     rows = (tmp_path / "controller_metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["generation", "1"]
+
+
+def test_cma_es_moves_c_toward_higher_rewards_each_its_own_member_s(tmp_path, monkeypatch):
+    """train_controller's own loop, with a stub fitness in the pool's place
+    that gives every member its own reward: -||x - target||^2."""
+    write_tiny_world_model(tmp_path, latent_size=2, hidden_size=2)  # C: (2 + 2) * 3 + 3 weights
+    target = np.random.default_rng(0).normal(size=15)
+    told = []
+
+    def fitness(solutions, seeds):
+        rewards = np.array([-np.sum((x - target) ** 2) for x in solutions])
+        told.append(rewards)
+        return rewards, 0
+
+    monkeypatch.setattr(train_controller, "RealFitness", lambda *args: fitness)
+    state = train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=8, sigma0=0.5, generations=10,
+                                         rollouts_per_member=1, max_steps=5, workers=1, eval_episodes=1))
+    es = state["es"]
+    assert np.linalg.norm(es.result.xfavorite - target) < 0.5 * np.linalg.norm(target)  # it started at 0
+    # The best solution CMA-ES was told of carries its own reward, the highest of all, negated.
+    assert es.result.fbest == -max(r.max() for r in told)
+    assert es.result.fbest == pytest.approx(np.sum((es.result.xbest - target) ** 2), rel=1e-12)
 
 
 def test_a_worker_that_raises_ends_the_run_with_its_error(tmp_path):
@@ -376,6 +421,21 @@ def test_bench_repeat_prints_frames_per_second_for_each_k():
     assert result["frames_k1"] == result["frames_k3"] == 2 * 7  # frames, the same budget at every k
     assert result["frames_per_s_k1"] > 0 and result["frames_per_s_k3"] > 0
     assert result["speedup_k3"] > 0 and result["speedup_cpu_k3"] > 0 and "speedup_k1" not in result
+
+
+def test_bench_agent_times_the_env_alone_on_the_agent_s_actions(tmp_path):
+    import argparse
+
+    import bench
+
+    agent_spec, params = bench.agent_for_bench(argparse.Namespace(ckpt_dir=None, steps=40), str(tmp_path))
+    runs = {}
+    for name, runner in (("agent", EpisodeRunner(agent_spec)),
+                         ("env", bench.env_alone_runner(AgentSpec(max_steps=40)))):
+        runner.envs = [RecordActions(make_env(fast=True, max_steps=40))]
+        runs[name] = runner(params[None] if name == "agent" else None, [3]), runner.envs[0].actions
+    assert runs["env"][0] == runs["agent"][0]  # the same score over the same frames
+    np.testing.assert_array_equal(np.stack(runs["env"][1]), np.stack(runs["agent"][1]))
 
 
 @pytest.mark.parametrize("flags, message", [

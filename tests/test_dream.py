@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_script, write_tiny_world_model
+from conftest import FakeClock, run_script, write_tiny_world_model
 from models import MDNRNN, MDNOutput, MDNRNNConfig, sample_next_z
 from models.controller import Controller, ControllerConfig
 from wm.checkpoint import load_checkpoint
@@ -210,15 +209,31 @@ def test_start_states_are_first_frames_of_this_v(tmp_path):
         load_start_states(tmp_path / "nowhere", "abc")
 
 
-def test_bench_dream_prints_its_numbers():
-    r = run_script("bench.py", "dream", "--json", "--pop-size", "3", "--rollouts", "2",
-                   "--max-steps", "5", "--repeats", "1", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
-    assert result["pop_size"] == 3 and result["rollouts"] == 2
-    assert result["steps_per_s"] >= result["steps_per_s_1_threads"] > 0
-    assert result["steps_per_s_bf16"] >= result["steps_per_s_1_threads_bf16"] > 0
-    assert result["steps_per_cpu_s_1_thread"] > 0 and result["steps_per_cpu_s_1_thread_bf16"] > 0
+def test_bench_dream_rates_are_dreamed_steps_over_each_variant_s_seconds(monkeypatch):
+    import argparse
+
+    import bench
+
+    clock = FakeClock(monkeypatch)
+    # A dream costs 1 s on one thread and 1/2 s on two, halved again in bf16.
+    cost = lambda self, *_: (1 if torch.get_num_threads() == 1 else 1 / 2) / (2 if self.bf16 else 1)  # noqa: E731
+    monkeypatch.setattr(Dream, "run", clock.charge(Dream.run, cost))
+    args = argparse.Namespace(pop_size=3, rollouts=2, max_steps=5, repeats=2, temperature=1.0, device="cpu",
+                              seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the default, which the bench sets back
+    try:
+        result = bench.bench_dream(args)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    steps = 3 * 2 * 5  # a dream: every member's rollouts to the time limit (the bench turns the done head off)
+    assert (result["steps_per_s_1_threads"], result["steps_per_s_2_threads"], result["steps_per_s"]) == (
+        steps, 2 * steps, 2 * steps)
+    assert (result["steps_per_s_1_threads_bf16"], result["steps_per_s_2_threads_bf16"],
+            result["steps_per_s_bf16"]) == (2 * steps, 4 * steps, 4 * steps)
+    assert result["steps_per_cpu_s_1_thread"] == steps and result["steps_per_cpu_s_1_thread_bf16"] == 2 * steps
+    assert result["seconds_per_generation_of_1000_steps"] == 1000 * 3 * 2 / (2 * steps)
 
 
 # --- train_controller.py --mode dream ------------------------------------------------

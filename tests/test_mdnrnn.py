@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import distributions as D
 
-from conftest import error_line, make_synthetic_rollouts, run_script, write_tiny_vae, write_tiny_world_model
+from conftest import FakeClock, error_line, make_synthetic_rollouts, run_script, write_tiny_vae, write_tiny_world_model
 from models import MDNRNN, ConvVAE, MDNOutput, MDNRNNConfig, mdn_loss, sample_next_z
 from wm.checkpoint import load_checkpoint, save_checkpoint
 from wm.cli import UsageError
@@ -268,15 +268,25 @@ def test_train_mdnrnn_end_to_end(tmp_path, synthetic_rollouts):
     assert h > 4 * 64 and w > 4 * 64  # four rows of four frames
 
 
-def test_bench_mdnrnn_prints_its_numbers():
-    import json
+def test_bench_mdnrnn_rates_are_work_done_over_seconds(monkeypatch):
+    import argparse
 
-    r = run_script("bench.py", "mdnrnn", "--json", "--seconds", "0.05", "--batch-size", "2",
-                   "--seq-len", "5", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
-    for key in ("train_seq_per_s", "cell_b1_row_steps_per_s", "cell_b1024_row_steps_per_s"):
-        assert result[key] > 0, key
+    import bench
+    import models
+
+    clock = FakeClock(monkeypatch)
+    # A training step costs 1/64 s (on its loss), a cell step 1/256 s on 1 row
+    # and 1/16 s on 1024: powers of 2, so that the clock adds up exactly.
+    monkeypatch.setattr(models, "mdn_loss", clock.charge(mdn_loss, lambda *_: 1 / 64))
+    cell_cost = lambda self, z, *_: 1 / 256 if len(z) == 1 else 1 / 16  # noqa: E731
+    monkeypatch.setattr(MDNRNN, "step", clock.charge(MDNRNN.step, cell_cost))
+    args = argparse.Namespace(batch_size=2, seq_len=5, seconds=0.25, device="cpu", seed=0)
+    result = bench.bench_mdnrnn(args)
+    assert result["train_seq_per_s"] == 64 * 2  # 2 sequences a step
+    assert result["cell_b1_calls_per_s"] == result["cell_b1_row_steps_per_s"] == 256
+    assert result["cell_b1024_calls_per_s"] == 16 and result["cell_b1024_row_steps_per_s"] == 16 * 1024
+    assert result["cell_batch_1024_vs_1_rows"] == 64
+
 
 
 def test_m_holds_out_exactly_the_tracks_v_held_out(tmp_path, capsys):

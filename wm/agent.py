@@ -11,10 +11,11 @@ action repeat k (the paper: 1) each action is held for k frames and the agent
 sees every k-th frame (`wm.env.step_repeat`); M must have learned that rate.
 
 The loop drives K episodes in lockstep, each in its own environment, so that
-V, M and C run once per time step on a batch of K rows: on one CPU thread V's
-encoder costs about 1.2 ms for one frame and about 0.45 ms a frame for 16,
-which is most of what the networks add to a step. An episode that ends drops
-out of the batch and the rest go on; `run_episode` is the case K = 1.
+V, M and C run once per time step on a batch of K rows: V's encoder, most of
+what the networks add to a step, costs far less a frame on a batch than on
+one frame (`python bench.py agent --batch-size 1` against the default 16; the
+README's figures). An episode that ends drops out of the batch and the rest
+go on; `run_episode` is the case K = 1.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ def build_parser(config_cls: type) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", type=Path, default=None,
-                        help="JSON file of overrides (see config/); flags given here win over it")
+                        help="JSON file of one object of overrides, e.g. {\"epochs\": 2, \"batch_size\": 50} "
+                             "(the flags' names with _ for -); flags given here win over it")
     comments = _field_comments(config_cls)
     hints = {f.name: f.type for f in dataclasses.fields(config_cls)}
     for f in dataclasses.fields(config_cls):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -159,11 +158,3 @@ def list_rollouts(data_dir: str | os.PathLike) -> list[Path]:
         raise fail(f"no rollout_*.npz files in {data_dir}; run collect_rollouts.py first")
     return files
 
-
-def read_rollouts_skipping_bad(files: list[Path]):
-    """Yield (path, data) for each readable rollout, warning about the others."""
-    for p in files:
-        try:
-            yield p, read_rollout(p)
-        except BadRollout as e:
-            warnings.warn(f"skipping {e}", stacklevel=2)
