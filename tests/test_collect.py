@@ -129,7 +129,7 @@ def test_a_killed_worker_ends_the_run_with_one_line_and_a_rerun_completes(tmp_pa
     assert last.startswith("error: worker ") and "died while running a task (exit code -9)" in last, err
     res = run_script(*args)
     assert res.returncode == 0, res.stderr
-    assert all(is_complete(rollout_path(out, s)) for s in range(3)) and not list(out.glob(".*tmp*"))
+    assert all(is_complete(rollout_path(out, COLLECT_SEED + s)) for s in range(3)) and not list(out.glob(".*tmp*"))
 
 
 def test_workers_stop_quietly_when_the_main_process_is_killed(tmp_path):

@@ -367,12 +367,12 @@ def test_cma_es_moves_c_toward_higher_rewards_each_its_own_member_s(tmp_path, mo
 
 def test_a_worker_that_raises_ends_the_run_with_its_error(tmp_path):
     write_tiny_world_model(tmp_path)
-    t0 = time.time()
     p = start_script(*tiny_run(tmp_path), env={"WM_FAULT": "raise"})
-    out, err = p.communicate(timeout=60)
+    # A run that waited for good would time out here. No tighter limit: on 2
+    # cores beside a training run, starting the 2 workers alone took 30-45 s.
+    out, err = p.communicate(timeout=120)
     assert p.returncode != 0
     assert "RuntimeError: injected fault" in err and "error: worker" in err
-    assert time.time() - t0 < 30
 
 
 def test_ctrl_c_stops_the_run_and_its_workers(tmp_path):
