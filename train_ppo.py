@@ -77,7 +77,7 @@ class Config:
     hidden_size: int = 256  # one GELU layer of this size for the policy and one for the value (the zoo: 256)
     save_every: int = 100_000  # frames between saves (and one at the end)
     restart: bool = False  # ignore a saved run and start it from scratch (else a rerun resumes)
-    device: str = "auto"  # auto, cpu or cuda, for the policy's training (the environments use the CPU)
+    device: str = "auto"  # auto (cuda for the pixel arm where there is one, else cpu), cpu or cuda, for the policy's training (the environments use the CPU)
     progress: bool = True  # stable-baselines3's progress bar
 
 
@@ -205,7 +205,8 @@ def train_run(cfg: Config, seed: int, fingerprints: dict) -> Path:
             return already_done(run_dir, saved["frames_trained"])
     else:
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-    device = resolve_device(cfg.device)
+    # auto: the GPU for the pixel arm's CNN only; SB3 runs an MLP policy faster on the CPU.
+    device = resolve_device("cpu" if cfg.device == "auto" and cfg.arm != "pixels" else cfg.device)
     venv = make_vec_env(ArmEnvMaker(cfg.arm, cfg.ckpt_dir, cfg.frame_skip, cfg.frame_stack, cfg.max_steps),
                         n_envs=cfg.n_envs, vec_env_cls=SubprocVecEnv)
     try:

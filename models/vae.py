@@ -44,6 +44,11 @@ class ConvVAE(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, 64, 64) frames in [0, 1] -> mu, logvar, each (B, Z)."""
         h = x
+        if not _cpu_forms(x):
+            for conv in self.enc:
+                h = F.relu(conv(h))  # (B, 256, 2, 2) after the last
+            h = h.flatten(1)  # (B, 1024)
+            return _at_least_fp32(self.fc_mu(h)), _at_least_fp32(self.fc_logvar(h))  # (B, Z) each
         for conv in self.enc[:-1]:
             h = F.relu(conv(h))  # (B, 128, 6, 6) after the third
         # The last convolution sees 6x6 pixels and gives 2x2: its four input
@@ -67,6 +72,12 @@ class ConvVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, Z) -> (B, 3, 64, 64) frames in [0, 1]."""
         h = self.fc_dec(z)  # (B, 1024)
+        if not _cpu_forms(h):
+            h = h[:, :, None, None]  # (B, 1024, 1, 1)
+            for i, deconv in enumerate(self.dec):
+                h = deconv(h)
+                h = torch.sigmoid(_at_least_fp32(h)) if i == len(self.dec) - 1 else F.relu(h)
+            return h  # (B, 3, 64, 64)
         # The first transposed convolution sees a 1x1 image, so it is a matrix
         # product; computed as one it is several times faster on CPUs (the
         # oneDNN kernel is slow for this shape). Same weights, same numbers.
@@ -89,6 +100,14 @@ class ConvVAE(nn.Module):
         model = cls(VAEConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
         return model
+
+
+def _cpu_forms(x: torch.Tensor) -> bool:
+    """Whether to compute the layers in the forms below that CPUs run faster
+    (same weights, same numbers). On a GPU cuDNN's own kernels are faster for
+    these shapes (bench.py vae --device cuda), so the layers are called as
+    they are."""
+    return x.device.type == "cpu"
 
 
 def _unfused_bias(deconv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:

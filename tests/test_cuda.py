@@ -73,3 +73,25 @@ def test_c_evolves_in_the_dream_on_the_gpu(tmp_path):
     main(dream_config(ckpt, latents, generations=1, device="cuda"))
     c = load_checkpoint(ckpt / "controller.pt", "controller")
     assert c["generation"] == 1 and np.isfinite(c["held_out"])
+
+
+def test_v_gives_the_same_numbers_on_the_gpu_as_on_the_cpu():
+    """On the GPU V calls its layers as they are; on the CPU it computes some
+    in faster forms (models/vae.py). Both must give the same values and gradients."""
+    from models import ConvVAE, VAEConfig
+
+    torch.manual_seed(0)
+    cpu = ConvVAE(VAEConfig())
+    gpu = ConvVAE(VAEConfig()).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.rand(4, 3, 64, 64)
+    results = []
+    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
+        with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False):  # fp32 exactly
+            mu, logvar = model.encode(x.to(device))
+            frames = model.decode(mu)
+            (frames.sum() + logvar.sum()).backward()
+        grads = [p.grad.cpu() for p in model.parameters()]
+        results.append([mu.detach().cpu(), logvar.detach().cpu(), frames.detach().cpu(), *grads])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
