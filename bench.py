@@ -356,7 +356,9 @@ def bench_vae(args) -> dict:
     as it comes. The fast step is train_vae.train_step (bf16 autocast where the
     hardware has it, ConvVAE.decode's faster forms of the transposed
     convolutions, fused Adam); `fast_fp32_img_per_s` is that step with bf16
-    off. The variants alternate in rounds of --steps steps, so all see the
+    off. On a GPU two more are timed, the step in bf16 and the step with the
+    layer forms V uses on CPUs (`bf16_img_per_s`, `cpu_forms_fp32_img_per_s`),
+    since train_vae.py picks neither there. The variants alternate in rounds of --steps steps, so all see the
     same machine load, and each rate is that of its median round: on a shared
     machine a step now and then stalls for seconds, and one stall would
     otherwise decide the ratio."""
@@ -402,6 +404,13 @@ def bench_vae(args) -> dict:
             opt = make_optimizer(model, 1e-4)
             d = dtype if name == "fast" else None
             variants[name] = lambda m=model, o=opt, d=d: train_step(m, o, frames, device, d, 0.5)
+    if device.type == "cuda":  # what train_vae.py does not pick there: bf16, and the CPU's layer forms
+        for name, d in (("bf16", torch.bfloat16), ("cpu_forms_fp32", None)):
+            torch.manual_seed(args.seed)
+            model = ConvVAE(VAEConfig()).to(device)
+            opt = make_optimizer(model, 1e-4)
+            step = lambda m=model, o=opt, d=d: train_step(m, o, frames, device, d, 0.5)  # noqa: E731
+            variants[name] = with_cpu_forms(step) if name == "cpu_forms_fp32" else step
     rounds = {name: [] for name in variants}
     for step in variants.values():  # warm-up: oneDNN picks its kernels on the first calls
         for _ in range(2):
@@ -427,7 +436,23 @@ def bench_vae(args) -> dict:
         "fast_fp32_img_per_s": round(images / seconds["fast_fp32"], 1),
         "img_per_s": round(images / seconds["fast"], 1),
         "ratio": round(seconds["baseline"] / seconds["fast"], 2),
+        **{f"{name}_img_per_s": round(images / seconds[name], 1) for name in ("bf16", "cpu_forms_fp32")
+           if name in seconds},
     }
+
+
+def with_cpu_forms(step):
+    """step, run with V's layers in the forms models/vae.py computes on CPUs."""
+    import models.vae
+
+    def run():
+        own = models.vae._cpu_forms
+        models.vae._cpu_forms = lambda x: True
+        try:
+            step()
+        finally:
+            models.vae._cpu_forms = own
+    return run
 
 
 # Where time_pools runs its workers: local processes or Ray's actors (wm.pool.make_pool).

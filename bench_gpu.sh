@@ -25,7 +25,7 @@ scale() {  # one real CMA-ES generation of 64 x 16, episodes cut at SCALE_STEPS 
 # 4 and 2 workers run beside the suite (2 cores) and the GPU benches (1 core): 6-9 of 16 cores busy.
 ( for w in ${SCALE_LOW:-4 2}; do scale $w; done ) &
 b() { el "bench $*"; echo "{\"args\": \"$*\"}" >> "$B"; timeout "${BT:-90}" python3 bench.py "$@" --json >> "$B" 2>> "$OUT/bench.err"; }
-b vae --device cuda
+b vae --device cuda --rounds 7
 b vae --device cuda --batch-size 1000 --rounds 7
 b mdnrnn --device cuda
 b mdnrnn --device cuda --batch-size 256

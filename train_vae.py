@@ -167,8 +167,8 @@ def prefetch(batches, depth: int = 4):
 def pick_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32. auto: bf16 only on a CPU
     that computes it natively (emulated bf16 is slower than fp32), fp32 on a
-    GPU, where V is too small for bf16 to pay (bench.py vae on an H200: 24,500
-    images/s in bf16 against 29,600 in fp32 at batch 100, level at 1,000)."""
+    GPU, where V is too small for bf16 to pay (bench.py vae on an H200: 17,400
+    images/s in bf16 against 21,600 in fp32 at batch 100, 4% ahead at 1,000)."""
     if name not in ("auto", "bf16", "fp32"):
         raise fail(f"--precision {name!r}: use auto, bf16 or fp32")
     if name == "fp32" or (name == "auto" and device.type == "cuda"):

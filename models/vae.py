@@ -104,9 +104,9 @@ class ConvVAE(nn.Module):
 
 def _cpu_forms(x: torch.Tensor) -> bool:
     """Whether to compute the layers in the forms below that CPUs run faster
-    (same weights, same numbers). On a GPU cuDNN's own kernels are faster for
-    these shapes (bench.py vae --device cuda), so the layers are called as
-    they are."""
+    (same weights, same numbers). On a GPU the layers are called as they are:
+    cuDNN's own kernels were faster there (bench.py vae --device cuda on an
+    H200, batch 100: 21,600 images/s against 17,800 with these forms)."""
     return x.device.type == "cpu"
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+import models.vae
 from models import ConvVAE, VAEConfig
 from models.vae import vae_loss
 
@@ -38,9 +40,11 @@ def test_reparameterize_samples_the_posterior():
     torch.testing.assert_close(z.std(0), torch.tensor([0.5, 2.0]), atol=0.05, rtol=0)
 
 
-def test_encode_matches_the_layers_called_in_order():
+@pytest.mark.parametrize("cpu_forms", [True, False], ids=["cpu-forms", "as-called-on-a-gpu"])
+def test_encode_matches_the_layers_called_in_order(cpu_forms, monkeypatch):
     """encode computes the last convolution as a matrix product over its
     input patches; values and gradients must be what the plain layers give."""
+    monkeypatch.setattr(models.vae, "_cpu_forms", lambda x: cpu_forms)
     torch.manual_seed(0)
     vae = ConvVAE(VAEConfig()).double()
     x = torch.rand(3, 3, 64, 64, dtype=torch.double)
@@ -60,11 +64,13 @@ def test_encode_matches_the_layers_called_in_order():
         torch.testing.assert_close(a, b)
 
 
-def test_decode_matches_the_layers_called_in_order():
+@pytest.mark.parametrize("cpu_forms", [True, False], ids=["cpu-forms", "as-called-on-a-gpu"])
+def test_decode_matches_the_layers_called_in_order(cpu_forms, monkeypatch):
     """decode computes the first transposed convolution as a matrix product,
     adds some biases apart and runs the last layer's forward pass as a
     convolution and a pixel shuffle; values and gradients must be what the
     plain layers give."""
+    monkeypatch.setattr(models.vae, "_cpu_forms", lambda x: cpu_forms)
     torch.manual_seed(0)
     vae = ConvVAE(VAEConfig()).double()
     z = torch.randn(4, 32, dtype=torch.double)
@@ -155,7 +161,6 @@ import zipfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import train_vae  # noqa: E402
