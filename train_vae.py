@@ -8,6 +8,13 @@ vae_metrics.csv, vae_loss.png, vae_recon.png (validation frames above their
 reconstructions) and vae_samples.png (frames decoded from z drawn from the
 prior). A rerun resumes from vae_last.pt; --restart starts over.
 
+--recon-weighting road weights V's reconstruction error towards what matters
+for driving: road, kerbs, the road's edges and the car's surroundings, marked
+per frame from the game's palette (wm/frames.py, road_mask) as batches are
+read. Validation also reports, whatever the weighting, the plain summed
+squared error and the mean squared error on those pixels and on the rest, so
+that Vs trained either way compare on one scale (see compare_vae.py).
+
     python train_vae.py --data-dir data/rollouts --ckpt-dir checkpoints --epochs 10
 """
 
@@ -27,11 +34,11 @@ import torch
 from tqdm import tqdm
 
 from models import ConvVAE, VAEConfig
-from models.vae import vae_loss
+from models.vae import squared_error_by_region, vae_loss
 from wm.checkpoint import resume_training, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.files import writable_folder
-from wm.frames import FRAME_SIZE, to_image, to_model_input
+from wm.frames import FRAME_SIZE, recon_weights, road_mask, to_image, to_model_input
 from wm.metrics import MetricsLog, image_grid
 from wm.rollouts import BadRollout, array_headers, list_rollouts, read_rollout
 
@@ -45,6 +52,8 @@ class Config:
     lr: float = 1e-4  # Adam learning rate (paper: 0.0001)
     latent_size: int = 32  # size of z (paper: 32)
     kl_floor: float = 0.5  # free bits: KL floor per latent dimension, in nats (paper: 0.5)
+    recon_weighting: str = "plain"  # plain: every pixel alike (the paper); road: road, kerbs, edges and the car's surroundings weighted up (wm/frames.py)
+    road_weight: float = 10.0  # road weighting: a marked pixel's weight against 1 for grass, before scaling to mean 1 per frame (~80% of the loss on ~28% of the pixels)
     val_fraction: float = 0.1  # share of rollouts held out for validation (at least one)
     buffer_rollouts: int = 32  # rollouts whose frames are shuffled together; bounds memory
     precision: str = "auto"  # auto (bf16 on a CPU that has it, else fp32; fp32 on a GPU), bf16 or fp32
@@ -52,6 +61,33 @@ class Config:
     seed: int = 0  # seeds the validation split, the shuffling and the initial weights
     device: str = "auto"  # auto: CUDA when present, else CPU
     restart: bool = False  # ignore vae_last.pt and start from scratch
+
+
+WEIGHTINGS = ("plain", "road")
+
+
+def check_weighting(cfg: Config) -> None:
+    if cfg.recon_weighting not in WEIGHTINGS:
+        raise fail(f"--recon-weighting must be one of {', '.join(WEIGHTINGS)}, got {cfg.recon_weighting!r}")
+
+
+def describe_weighting(config: dict) -> str:
+    """How the V of a checkpoint's `config` weighted its reconstruction error:
+    plain, or road with its weight. A V from before the option is plain."""
+    if config.get("recon_weighting", "plain") == "plain":
+        return "plain"
+    return f"{config['recon_weighting']} x{config['road_weight']:g}"
+
+
+def refuse_other_weighting(cfg: Config):
+    """A resume check: vae_last.pt must have trained with this run's weighting,
+    else the epochs would mix two objectives."""
+    def check(ckpt: dict) -> None:
+        was, now = describe_weighting(ckpt.get("config", {})), describe_weighting(asdict(cfg))
+        if was != now:
+            raise fail(f"{cfg.ckpt_dir}/vae_last.pt was trained with --recon-weighting {was}, this run "
+                       f"asks for {now}; pass --restart to start over, or another --ckpt-dir")
+    return check
 
 
 # ---------------------------------------------------------------------------
@@ -122,6 +158,21 @@ def frame_batches(files: list[Path], batch_size: int, buffer_rollouts: int, bad:
         yield carry
 
 
+def with_masks(batches, masks: bool):
+    """(frames, road_mask(frames) or None) per batch. Run inside `prefetch`,
+    the masks are computed once per frame in its thread, beside the reading,
+    not in the training loop."""
+    for frames in batches:
+        yield frames, (road_mask(frames) if masks else None)
+
+
+def _as_tensors(batch):
+    """A numpy batch, or a tuple of them (None stays None), as torch tensors."""
+    if isinstance(batch, tuple):
+        return tuple(None if a is None else torch.from_numpy(a) for a in batch)
+    return torch.from_numpy(batch)
+
+
 _DONE = object()
 
 
@@ -144,7 +195,7 @@ def prefetch(batches, depth: int = 4):
     def work():
         try:
             for b in batches:
-                if not put(torch.from_numpy(b)):
+                if not put(_as_tensors(b)):
                     return
             put(_DONE)
         except BaseException as e:  # noqa: BLE001 -- handed to the main thread, raised there
@@ -204,14 +255,24 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def loss_weights(mask: torch.Tensor | None, cfg: Config, device: torch.device) -> torch.Tensor | None:
+    """The per-pixel weights of the reconstruction error for a batch's road
+    masks, on `device`; None (the paper's loss) for plain weighting."""
+    if cfg.recon_weighting == "plain":
+        return None
+    return recon_weights(mask.to(device, non_blocking=True), cfg.road_weight)  # (B, 64, 64)
+
+
 def train_step(model: ConvVAE, opt: torch.optim.Optimizer, frames: torch.Tensor, device: torch.device,
-               dtype: torch.dtype | None, kl_floor: float) -> tuple[float, float, float]:
-    """One Adam step on a (B, 64, 64, 3) uint8 batch; returns (loss, recon, kl).
-    A non-finite loss raises FloatingPointError before the weights change."""
+               dtype: torch.dtype | None, kl_floor: float,
+               weights: torch.Tensor | None = None) -> tuple[float, float, float]:
+    """One Adam step on a (B, 64, 64, 3) uint8 batch, its reconstruction error
+    weighted per pixel by `weights` (B, 64, 64) if given; returns (loss, recon,
+    kl). A non-finite loss raises FloatingPointError before the weights change."""
     x = to_model_input(frames, device)  # (B, 3, 64, 64)
     with autocast(device, dtype):
         recon, mu, logvar = model(x)
-    loss, rec, kl = vae_loss(recon, x, mu, logvar, kl_floor)
+    loss, rec, kl = vae_loss(recon, x, mu, logvar, kl_floor, weights)
     values = torch.stack([loss, rec, kl]).tolist()  # one device sync per step
     if not math.isfinite(values[0]):
         raise FloatingPointError(f"loss is {values[0]} (recon {values[1]}, kl {values[2]})")
@@ -226,24 +287,40 @@ def evaluate(model: ConvVAE, files: list[Path], cfg: Config, device: torch.devic
              n_show: int, total: int) -> tuple[dict[str, float], np.ndarray]:
     """Mean validation loss, recon and KL over all frames of `files`, in fp32 so
     that it compares across precisions, with a fixed z noise; and `n_show`
-    validation frames spread evenly over the split, for the pictures."""
+    validation frames spread evenly over the split, for the pictures.
+
+    Whatever the weighting, also the plain recon (val_recon_plain, the paper's
+    summed squared error) and the mean squared error per value on the pixels
+    road_mask marks (val_mse_road) and on the rest (val_mse_rest), so that
+    plain and weighted Vs compare on the same scale."""
     model.eval()
     torch.manual_seed(cfg.seed)
-    sums, n = np.zeros(3), 0
+    sums, n = np.zeros(4), 0
+    regions = torch.zeros(4, dtype=torch.float64)
     want = set(np.linspace(0, max(total - 1, 0), n_show).round().astype(int).tolist())
     shown = []
-    for frames in prefetch(frame_batches(files, cfg.batch_size, cfg.buffer_rollouts, bad)):
+    for frames, mask in prefetch(with_masks(frame_batches(files, cfg.batch_size, cfg.buffer_rollouts, bad),
+                                            masks=True)):
         x = to_model_input(frames, device)
         recon, mu, logvar = model(x)
-        loss, rec, kl = vae_loss(recon, x, mu, logvar, cfg.kl_floor)
-        sums += np.array([loss.item(), rec.item(), kl.item()]) * len(x)
+        loss, rec, kl = vae_loss(recon, x, mu, logvar, cfg.kl_floor, loss_weights(mask, cfg, device))
+        plain = vae_loss(recon, x, mu, logvar, cfg.kl_floor)[1] if cfg.recon_weighting != "plain" else rec
+        sums += np.array([loss.item(), rec.item(), kl.item(), plain.item()]) * len(x)
+        regions += squared_error_by_region(recon, x, mask).cpu()
         shown += [frames[i - n].numpy() for i in sorted(want) if n <= i < n + len(x)]
         n += len(x)
     model.train()
     if n == 0:
         raise fail("every validation rollout is unreadable; run collect_rollouts.py again")
-    loss, rec, kl = (sums / n).tolist()
-    return {"val_loss": loss, "val_recon": rec, "val_kl": kl}, np.stack(shown)
+    loss, rec, kl, plain = (sums / n).tolist()
+    road, n_road, rest, n_rest = regions.tolist()
+    return {"val_loss": loss, "val_recon": rec, "val_kl": kl, "val_recon_plain": plain,
+            "val_mse_road": mean_or_nan(road, n_road), "val_mse_rest": mean_or_nan(rest, n_rest)}, np.stack(shown)
+
+
+def mean_or_nan(total: float, count: float) -> float:
+    """A region's mean squared error; NaN when no frame has that region."""
+    return total / count if count else math.nan
 
 
 @torch.no_grad()
@@ -267,6 +344,7 @@ def save_pictures(model: ConvVAE, shown: np.ndarray, ckpt_dir: Path, device: tor
 
 
 def main(cfg: Config) -> dict:
+    check_weighting(cfg)
     device = resolve_device(cfg.device)
     dtype = pick_precision(cfg.precision, device)
     if cfg.threads > 0:
@@ -286,7 +364,8 @@ def main(cfg: Config) -> dict:
     opt = make_optimizer(model, cfg.lr)
     start_epoch, best_val = 0, math.inf
     log = MetricsLog(ckpt_dir / "vae_metrics.csv")
-    ckpt = resume_training(last_path, "vae", model, opt, asdict(model_cfg), cfg.restart)
+    ckpt = resume_training(last_path, "vae", model, opt, asdict(model_cfg), cfg.restart,
+                           check=refuse_other_weighting(cfg))
     if ckpt is not None:
         start_epoch, best_val = ckpt["epoch"], ckpt["best_val_loss"]
     log.truncate_after(start_epoch)
@@ -294,7 +373,8 @@ def main(cfg: Config) -> dict:
         print(f"{last_path} has already trained {start_epoch} epochs; raise --epochs to go on")
         return {"epoch": start_epoch, "best_val_loss": best_val}
     print(f"V: {sum(p.numel() for p in model.parameters()):,} parameters on {device}, "
-          f"{'bf16 autocast' if dtype else 'fp32'}; {n_train} training frames from "
+          f"{'bf16 autocast' if dtype else 'fp32'}, {describe_weighting(asdict(cfg))} "
+          f"reconstruction error; {n_train} training frames from "
           f"{len(train_files)} rollouts, {n_val} validation frames from {len(val_files)}")
 
     bad: set[Path] = set()
@@ -305,9 +385,11 @@ def main(cfg: Config) -> dict:
         t0 = time.perf_counter()
         sums, n = np.zeros(3), 0
         bar = tqdm(total=n_train, desc=f"epoch {epoch}", unit="img", leave=False)
-        for frames in prefetch(frame_batches(train_files, cfg.batch_size, cfg.buffer_rollouts, bad, rng)):
+        batches = frame_batches(train_files, cfg.batch_size, cfg.buffer_rollouts, bad, rng)
+        for frames, mask in prefetch(with_masks(batches, masks=cfg.recon_weighting != "plain")):
             try:
-                values = train_step(model, opt, frames, device, dtype, cfg.kl_floor)
+                values = train_step(model, opt, frames, device, dtype, cfg.kl_floor,
+                                    loss_weights(mask, cfg, device))
             except FloatingPointError as e:
                 bar.close()
                 raise fail(f"training diverged in epoch {epoch}: {e}; {last_path} is left as it "
@@ -327,7 +409,8 @@ def main(cfg: Config) -> dict:
         row = {"epoch": epoch, "train_loss": train_loss, "train_recon": train_recon,
                "train_kl": train_kl, **val, "img_per_s": n / train_s,
                "seconds": time.perf_counter() - t0}
-        row = {k: round(float(v), 4) if k != "epoch" else v for k, v in row.items()}
+        # Six significant digits, not four decimals: the per-region errors are ~0.001.
+        row = {k: float(f"{float(v):.6g}") if k != "epoch" else v for k, v in row.items()}
         payload = {"kind": "vae", "model": model.state_dict(), "model_args": asdict(model_cfg),
                    "config": asdict(cfg), "optimizer": opt.state_dict(), "epoch": epoch,
                    **{k: v for k, v in row.items() if k != "epoch"}, "best_val_loss": best_val,
@@ -342,7 +425,8 @@ def main(cfg: Config) -> dict:
                  title="V: loss per frame (recon: summed squared error; KL in nats)", logy=True)
         save_pictures(model, shown, ckpt_dir, device, cfg.seed)
         print(f"epoch {epoch}  train {train_loss:.1f} (recon {train_recon:.1f} kl {train_kl:.1f})  "
-              f"val {row['val_loss']:.1f} (recon {row['val_recon']:.1f} kl {row['val_kl']:.1f})"
+              f"val {row['val_loss']:.1f} (recon {row['val_recon']:.1f} kl {row['val_kl']:.1f}; "
+              f"mse road {row['val_mse_road']:.4f} rest {row['val_mse_rest']:.4f})"
               f"{'  best' if best else ''}  {row['img_per_s']:.0f} img/s  {row['seconds']:.1f} s",
               flush=True)
     return row

@@ -150,15 +150,23 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 
 def vae_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-             kl_floor: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             kl_floor: float = 0.5, weights: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The paper's loss: summed squared error per image plus the KL divergence
     to N(0, I), each averaged over the batch.
+
+    `weights` (B, 64, 64), if given, scales each pixel's squared error (all
+    three channels alike): wm.frames.recon_weights, mean 1 per image, so the
+    sum stays on the paper's scale. None is the paper's loss.
 
     Returns (loss, recon_loss, kl). `kl` is the true KL, for logging; `loss`
     uses the floored one described below.
     """
     recon, mu, logvar = _at_least_fp32(recon), _at_least_fp32(mu), _at_least_fp32(logvar)
-    recon_loss = (recon - x).pow(2).flatten(1).sum(1)  # (B,)
+    sq = (recon - x).pow(2)  # (B, 3, 64, 64)
+    if weights is not None:
+        sq = sq * weights.unsqueeze(-3)
+    recon_loss = sq.flatten(1).sum(1)  # (B,)
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)  # (B,)
     # Free bits, as in the paper's code (kl_tolerance = 0.5): each image's KL
     # is clamped from below at kl_floor nats per latent dimension, so once it
@@ -167,3 +175,16 @@ def vae_loss(recon: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: tor
     kl_floored = kl.clamp(min=kl_floor * mu.shape[1])  # (B,)
     loss = (recon_loss + kl_floored).mean()
     return loss, recon_loss.mean(), kl.mean()
+
+
+def squared_error_by_region(recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sums for per-region errors over many batches: (4,) float64 tensor of the
+    squared error summed over the pixels `mask` (B, 64, 64) marks, their count
+    (pixels x channels), and the same two for the other pixels. A region's
+    mean squared error per value is its sum over its count."""
+    sq = (_at_least_fp32(recon) - x).pow(2).sum(-3).double()  # (B, 64, 64), channels summed
+    mask = mask.to(sq.device)
+    n = torch.tensor(mask.numel() * x.shape[-3], dtype=torch.float64, device=sq.device)
+    marked = mask.sum().double() * x.shape[-3]
+    on = (sq * mask).sum()
+    return torch.stack([on, marked, sq.sum() - on, n - marked])

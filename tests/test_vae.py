@@ -104,6 +104,35 @@ def test_loss_against_a_reference():
     torch.testing.assert_close(loss, ref_rec + ref_kl)
 
 
+def test_weighted_loss_is_the_plain_loss_with_unit_weights_and_weights_each_pixel():
+    torch.manual_seed(0)
+    x, recon = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64)
+    mu, logvar = torch.randn(3, 32), torch.randn(3, 32)
+    plain = vae_loss(recon, x, mu, logvar)
+    ones = vae_loss(recon, x, mu, logvar, weights=torch.ones(3, 64, 64))
+    for a, b in zip(plain, ones):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    w = torch.rand(3, 64, 64) * 5
+    loss, rec, kl = vae_loss(recon, x, mu, logvar, kl_floor=0.0, weights=w)
+    # Each pixel's squared error, summed over its channels, times its own weight.
+    torch.testing.assert_close(rec, torch.einsum("bchw,bhw->b", (recon - x) ** 2, w).mean())
+    torch.testing.assert_close(loss, rec + kl)
+
+
+def test_squared_error_by_region_against_masked_means():
+    from models.vae import squared_error_by_region
+
+    torch.manual_seed(0)
+    x, recon = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    mask = torch.rand(2, 64, 64) < 0.3
+    on, n_on, off, n_off = squared_error_by_region(recon, x, mask).tolist()
+    sq = (recon - x) ** 2
+    m3 = mask[:, None].expand_as(sq)
+    assert n_on == m3.sum().item() and n_off == (~m3).sum().item()
+    assert abs(on / n_on - sq[m3].mean().item()) < 1e-6
+    assert abs(off / n_off - sq[~m3].mean().item()) < 1e-6
+
+
 def test_kl_floor_is_half_a_nat_per_dimension_per_image():
     x = torch.rand(2, 3, 64, 64)
     # Image 0 sits at the prior (KL 0, below the floor), image 1 far from it.

@@ -119,10 +119,10 @@ RANGES = [  # (what the error says, the test, the options)
         "latent_size", "seq_len", "hidden_size", "n_gaussians", "encode_batch", "strip_steps",
         "strip_every", "rollouts_per_member", "generations", "eval_every", "eval_episodes", "frames",
         "n_envs", "frame_skip", "frame_stack", "n_steps", "n_epochs", "sde_sample_freq", "save_every",
-        "window", "steps", "rounds", "repeats"}),
+        "window", "steps", "rounds", "repeats", "road_weight", "show"}),
     ("at least 2 (CMA-ES ranks members against each other)", lambda v: v >= 2, {"pop_size"}),
     ("non-negative", lambda v: v >= 0, {
-        "seed", "threads", "patience", "strip_start", "kl_floor", "reward_weight", "done_weight",
+        "seed", "threads", "patience", "strip_start", "kl_floor", "reward_weight", "done_weight", "max_rollouts",
         "ent_coef", "vf_coef"}),
     ("positive", lambda v: v > 0, {
         "lr", "grad_clip", "max_grad_norm", "clip_range", "sigma0", "temperature", "dream_temperature",

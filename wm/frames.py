@@ -5,6 +5,10 @@ dashboard (speed, ABS, steering, gyro bars). We drop them, because the paper's
 V sees only the road, then resize the 84x96 view to 64x64 (the paper's size).
 Frames stay uint8 on disk; they are scaled to [0, 1] floats only at the
 model's input.
+
+`road_mask` marks the pixels that matter for driving (road, kerbs, the road's
+edges, the car and its neighbourhood), from CarRacing-v3's palette, for V's
+optional weighted reconstruction loss (train_vae.py --recon-weighting road).
 """
 
 from __future__ import annotations
@@ -20,6 +24,34 @@ if TYPE_CHECKING:
 FRAME_SIZE = 64  # the paper's V input is 64x64x3
 DASHBOARD_ROW = 84  # rows 84..95 of the 96x96 frame are the dashboard
 
+# road_mask's rule, from CarRacing-v3's palette (gymnasium's car_racing.py,
+# without domain_randomize): the grass is the only green thing in the game,
+# (102, 204, 102) and (102, 230, 102), about 100-130 greener than red or blue
+# (about 2 less after the resize). Road tiles are grey (102-107 in all three),
+# kerbs red or white, the car red (204, 0, 0) with black and grey wheels, skid
+# marks grey or brown (102, 102, 0): none is greener than red and blue by
+# more than a few. A pixel is grass when its green exceeds its red and blue by
+# more than half the road/grass contrast, so a pixel resized from a road/grass
+# boundary counts as road when it is mostly road.
+GRASS_GREEN_EXCESS = 50
+# Beyond the playfield the window is black; it shows while the camera zooms
+# in at an episode's start (about its first 50 frames). It is neither road
+# nor grass, and not marked: a pixel whose every channel is below this (the
+# car's black wheels are inside its box, marked below).
+VOID_MAX = 40
+# The road's edges: the grass within this many pixels of road, kerb or car is
+# marked too, so that where the road ends is drawn as sharply as the road
+# (about a seventh of the road's 13-pixel width in the 64x64 frame).
+EDGE_PIXELS = 2
+# The car is drawn at a fixed place in the view: the window's centre column,
+# three quarters down (car_racing.py translates the car to (WINDOW_W / 2,
+# WINDOW_H / 4) and flips), i.e. column 48, row 72 of the 96x96 frame, column
+# 32, row 72 * 64 / 84 = 55 of the 64x64 one (its red hull covers rows 51-57,
+# columns 31-32). The box around it, half a road width each way, is where
+# "on the road or about to leave it" shows, so it is marked even on grass.
+CAR_ROWS = slice(48, 61)  # rows 48..60
+CAR_COLS = slice(26, 39)  # columns 26..38
+
 
 def preprocess(frame: np.ndarray) -> np.ndarray:
     """(96, 96, 3) uint8 environment frame -> (64, 64, 3) uint8 model frame."""
@@ -27,6 +59,47 @@ def preprocess(frame: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected a (96, 96, 3) uint8 CarRacing frame, got {frame.shape} {frame.dtype}")
     view = Image.fromarray(frame[:DASHBOARD_ROW])
     return np.array(view.resize((FRAME_SIZE, FRAME_SIZE), Image.BILINEAR))  # writable, for torch
+
+
+def road_mask(frames: np.ndarray) -> np.ndarray:
+    """(..., 64, 64, 3) uint8 frames -> (..., 64, 64) bool: True on road, kerbs,
+    the road's edges and the car's neighbourhood (the rule above), False on
+    grass away from them. Cheap numpy, for a batch in the data pipeline."""
+    if frames.shape[-3:] != (FRAME_SIZE, FRAME_SIZE, 3) or frames.dtype != np.uint8:
+        raise ValueError(f"expected (..., {FRAME_SIZE}, {FRAME_SIZE}, 3) uint8 frames, "
+                         f"got {frames.shape} {frames.dtype}")
+    rgb = frames.astype(np.int16)
+    excess = rgb[..., 1] - np.maximum(rgb[..., 0], rgb[..., 2])  # (..., 64, 64)
+    void = rgb.max(axis=-1) < VOID_MAX
+    mask = _dilate((excess <= GRASS_GREEN_EXCESS) & ~void, EDGE_PIXELS)
+    mask[..., CAR_ROWS, CAR_COLS] = True
+    return mask
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Grow a (..., H, W) bool mask by r pixels (a square window), one axis at a time."""
+    for axis in (-2, -1):
+        grown = mask.copy()
+        n = mask.shape[axis]
+        for d in range(1, r + 1):
+            ahead = [slice(None)] * mask.ndim
+            behind = [slice(None)] * mask.ndim
+            ahead[axis], behind[axis] = slice(d, n), slice(0, n - d)
+            grown[tuple(behind)] |= mask[tuple(ahead)]
+            grown[tuple(ahead)] |= mask[tuple(behind)]
+        mask = grown
+    return mask
+
+
+def recon_weights(mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """(..., 64, 64) bool mask -> (..., 64, 64) float per-pixel weights of V's
+    reconstruction error: `weight` on marked pixels, 1 elsewhere, scaled to
+    mean 1 over each frame. The scaling keeps the reconstruction term's total
+    weight that of the paper's loss, so its balance against the KL term (and
+    the free bits) is unchanged and only where V spends its error moves; a
+    V trained so differs from the paper's in that alone."""
+    w = 1 + (weight - 1) * mask.float()
+    return w / w.mean(dim=(-2, -1), keepdim=True)
 
 
 def to_grey(frames: np.ndarray) -> np.ndarray:
