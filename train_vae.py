@@ -53,7 +53,7 @@ class Config:
     latent_size: int = 32  # size of z (paper: 32)
     kl_floor: float = 0.5  # free bits: KL floor per latent dimension, in nats (paper: 0.5)
     recon_weighting: str = "plain"  # plain: every pixel alike (the paper); road: road, kerbs, edges and the car's surroundings weighted up (wm/frames.py)
-    road_weight: float = 10.0  # road weighting: a marked pixel's weight against 1 for grass, before scaling to mean 1 per frame (~80% of the loss on ~28% of the pixels)
+    road_weight: float = 10.0  # road weighting: a marked pixel's weight against 1 for grass, before scaling to mean 1 per frame (10: about 4/5 of the loss on about 28 in 100 pixels)
     val_fraction: float = 0.1  # share of rollouts held out for validation (at least one)
     buffer_rollouts: int = 32  # rollouts whose frames are shuffled together; bounds memory
     precision: str = "auto"  # auto (bf16 on a CPU that has it, else fp32; fp32 on a GPU), bf16 or fp32

@@ -333,7 +333,7 @@ def test_nan_loss_stops_and_leaves_the_checkpoints_whole(trained, tmp_path, monk
     data, ckpt = copy_of(trained, tmp_path)
     before = {name: digest(ckpt / name) for name in ("vae.pt", "vae_last.pt")}
 
-    def nan_loss(recon, x, mu, logvar, kl_floor=0.5):
+    def nan_loss(recon, x, mu, logvar, kl_floor=0.5, weights=None):
         nan = torch.tensor(float("nan"), device=recon.device)  # on CUDA too, as the real loss is
         return nan + 0 * recon.sum(), nan, nan
 
