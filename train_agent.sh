@@ -11,6 +11,8 @@
 #                  (default 300)
 #   ACTION_REPEAT=k  frames each action is held by M and C (default 2, the
 #                  shipped agent's; 1 is the paper's)
+#   ROLLOUTS=n       tracks each CMA-ES member drives a generation (default 4;
+#                  the shipped run drove 8 from generation 142 on)
 set -euo pipefail
 cd "$(dirname "$0")"
 export SDL_VIDEODRIVER=${SDL_VIDEODRIVER:-dummy}
@@ -19,6 +21,7 @@ ckpt=${1:-checkpoints/agent}
 generations=${2:-300}
 workers=${WORKERS:-$(nproc)}
 k=${ACTION_REPEAT:-2}
+rollouts_per_member=${ROLLOUTS:-4}
 
 # V and M, unless they are finished and shipped (mdnrnn.pt without the
 # mdnrnn_last.pt that training leaves behind, which git does not keep).
@@ -37,9 +40,9 @@ if [ ! -f "$ckpt/mdnrnn.pt" ] || [ -f "$ckpt/mdnrnn_last.pt" ]; then
     fi
     python train_mdnrnn.py --ckpt-dir "$ckpt" --data-dir "$rollouts" --latent-dir "$latents" --epochs 30
 fi
-# 32 members x 4 shared tracks (lucid-dream-racer's budget); a training
+# 32 members x 4 shared tracks (lucid-dream-racer's budget; ROLLOUTS changes the 4); a training
 # episode ends after 200 frames without a new tile. C holds each action for
 # M's k frames (train_controller.py reads it from mdnrnn.pt).
-python train_controller.py --ckpt-dir "$ckpt" --pop-size 32 --rollouts-per-member 4 --patience 200 \
+python train_controller.py --ckpt-dir "$ckpt" --pop-size 32 --rollouts-per-member "$rollouts_per_member" --patience 200 \
     --eval-every 5 --eval-episodes 16 --generations "$generations" --workers "$workers"
 python evaluate.py --ckpt-dir "$ckpt" --episodes 100 --workers "$workers" --json "$ckpt/scores.json"
