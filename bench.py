@@ -393,8 +393,13 @@ def bench_vae(args) -> dict:
         opt.step()
 
     dtype = pick_precision("auto", device)
+    # name -> train_step's autocast dtype; on a GPU also what train_vae.py does not pick
+    # there: bf16, and the CPU's layer forms.
+    fast = {"fast_fp32": None, "fast": dtype}
+    if device.type == "cuda":
+        fast.update(bf16=torch.bfloat16, cpu_forms_fp32=None)
     variants = {}
-    for name in ("baseline", "fast_fp32", "fast"):
+    for name in ("baseline", *fast):
         torch.manual_seed(args.seed)
         model = ConvVAE(VAEConfig()).to(device)
         if name == "baseline":
@@ -402,14 +407,7 @@ def bench_vae(args) -> dict:
             variants[name] = lambda m=model, o=opt: plain_step(m, o)
         else:
             opt = make_optimizer(model, 1e-4)
-            d = dtype if name == "fast" else None
-            variants[name] = lambda m=model, o=opt, d=d: train_step(m, o, frames, device, d, 0.5)
-    if device.type == "cuda":  # what train_vae.py does not pick there: bf16, and the CPU's layer forms
-        for name, d in (("bf16", torch.bfloat16), ("cpu_forms_fp32", None)):
-            torch.manual_seed(args.seed)
-            model = ConvVAE(VAEConfig()).to(device)
-            opt = make_optimizer(model, 1e-4)
-            step = lambda m=model, o=opt, d=d: train_step(m, o, frames, device, d, 0.5)  # noqa: E731
+            step = lambda m=model, o=opt, d=fast[name]: train_step(m, o, frames, device, d, 0.5)  # noqa: E731
             variants[name] = with_cpu_forms(step) if name == "cpu_forms_fp32" else step
     rounds = {name: [] for name in variants}
     for step in variants.values():  # warm-up: oneDNN picks its kernels on the first calls
