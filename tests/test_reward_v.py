@@ -98,6 +98,26 @@ def test_mask_of_uniform_frames():
         road_mask(frames.astype(np.float32))
 
 
+def test_mask_equals_the_rule_written_plainly(rendered):
+    """The uint8 arithmetic and running maxima of road_mask against the rule
+    in wide integers, grown by scipy's binary_dilation, frame by frame: on
+    random frames (every colour, the overflow corner included) and real ones."""
+    from scipy.ndimage import binary_dilation
+
+    from wm.frames import GRASS_GREEN_EXCESS, VOID_MAX
+
+    rng = np.random.default_rng(0)
+    noisy = np.full((6, 64, 64, 3), GRASS, np.uint8)  # grass, 1 pixel in 50 of any colour
+    specks = rng.random(noisy.shape[:3]) < 0.02
+    noisy[specks] = rng.integers(0, 256, (specks.sum(), 3), dtype=np.uint8)
+    frames = np.concatenate([noisy, np.stack([rendered["on_road"], rendered["on_grass"]])])
+    for frame, mask in zip(frames, road_mask(frames)):
+        r, g, b = (frame[..., c].astype(int) for c in range(3))
+        marked = (g - np.maximum(r, b) <= GRASS_GREEN_EXCESS) & (np.maximum(np.maximum(r, g), b) >= VOID_MAX)
+        want = binary_dilation(marked, np.ones((2 * EDGE_PIXELS + 1,) * 2, bool)) | car_box()
+        assert np.array_equal(mask, want)
+
+
 def test_weights_are_the_road_weight_on_marked_pixels_and_average_one():
     mask = torch.zeros(2, 64, 64, dtype=torch.bool)
     mask[0, :16] = True  # a quarter of frame 0; frame 1 has nothing marked

@@ -68,13 +68,22 @@ def road_mask(frames: np.ndarray) -> np.ndarray:
     if frames.shape[-3:] != (FRAME_SIZE, FRAME_SIZE, 3) or frames.dtype != np.uint8:
         raise ValueError(f"expected (..., {FRAME_SIZE}, {FRAME_SIZE}, 3) uint8 frames, "
                          f"got {frames.shape} {frames.dtype}")
-    from scipy.ndimage import binary_dilation  # here, so collecting rollouts never imports scipy
+    from scipy.ndimage import maximum_filter1d  # here, so collecting rollouts never imports scipy
 
-    rgb = frames.astype(np.int16)
-    excess = rgb[..., 1] - np.maximum(rgb[..., 0], rgb[..., 2])  # (..., 64, 64)
-    void = rgb.max(axis=-1) < VOID_MAX
-    square = np.ones((1,) * (frames.ndim - 3) + (2 * EDGE_PIXELS + 1,) * 2, dtype=bool)  # per frame
-    mask = binary_dilation((excess <= GRASS_GREEN_EXCESS) & ~void, square)
+    # In uint8, without widening the frames (that cost 10x the rest): a pixel
+    # is grass when green > max(red, blue) + GRASS_GREEN_EXCESS, and no pixel
+    # is that green when max(red, blue) is above 255 - GRASS_GREEN_EXCESS.
+    red_blue = np.maximum(frames[..., 0], frames[..., 2])
+    green = frames[..., 1]
+    not_grass = green <= np.minimum(red_blue, 255 - GRASS_GREEN_EXCESS) + GRASS_GREEN_EXCESS
+    lit = np.maximum(red_blue, green) >= VOID_MAX
+    # Grown by EDGE_PIXELS each way within each frame: a square's dilation is
+    # a running maximum along the rows, then along the columns.
+    size = 2 * EDGE_PIXELS + 1
+    mask = (not_grass & lit).view(np.uint8)
+    for axis in (-1, -2):
+        mask = maximum_filter1d(mask, size, axis=axis, mode="constant")
+    mask = mask.view(bool)
     mask[..., CAR_ROWS, CAR_COLS] = True
     return mask
 
