@@ -1,16 +1,17 @@
 """Compare Vs where driving looks: reconstruction error on the road and elsewhere.
 
 For each V (a vae.pt of train_vae.py, trained with any --recon-weighting),
-on frames that every one of them held out: the mean squared error per value
+on frames that none of them trained on: the mean squared error per value
 (colour channel in [0, 1]) on the pixels that wm/frames.py's road_mask marks
 (road, kerbs, the road's edges, the car's surroundings), on the rest (grass),
 and over the whole frame, and the paper's summed squared error per frame.
 Frames are decoded from z = V's mean, which is what C sees.
 
 The frames scored are those of the --data-dir rollouts on the tracks that
-every V's vae.pt lists as held out (val_rollouts) and none lists as trained
-on; Vs trained with the same --seed and --val-fraction on the same rollouts
-hold out the same ones. Writes --json (the numbers) and --png: --show
+no V's vae.pt lists as trained on (train_rollouts): the validation rollouts
+of Vs trained with the same --seed and --val-fraction on the same rollouts,
+or of one V when the others trained on other tracks, or rollouts collected
+on new tracks (collect_rollouts.py --seed). Writes --json (the numbers) and --png: --show
 held-out frames spread evenly over them, the mask over them (unmarked
 pixels dimmed), then each V's reconstruction, one row per V.
 
@@ -40,7 +41,7 @@ from wm.rollouts import track_of
 @dataclass
 class Config:
     ckpts: str = "checkpoints/pretrained/vae.pt"  # the Vs to compare: vae.pt files, separated by commas
-    data_dir: str = "data/rollouts"  # rollouts; those every V held out are scored
+    data_dir: str = "data/rollouts"  # rollouts; those on tracks no V trained on are scored
     max_rollouts: int = 0  # score only the first this many of the held-out rollouts (0: all of them)
     batch_size: int = 250  # frames encoded at once
     show: int = 8  # held-out frames in the picture, spread evenly over them
@@ -61,21 +62,20 @@ def load_vaes(paths: list[str], device: torch.device) -> list[tuple[str, dict, C
     return vaes
 
 
-def held_out_by_all(vaes: list[tuple[str, dict, ConvVAE]], data_dir: str) -> dict[Path, int]:
-    """The rollouts of `data_dir` (and their frame counts) on tracks that every
-    V held out and none trained on, matched by track as train_mdnrnn.py does."""
-    held, trained = None, set()
+def unseen_by_all(vaes: list[tuple[str, dict, ConvVAE]], data_dir: str) -> dict[Path, int]:
+    """The rollouts of `data_dir` (and their frame counts) on tracks that no V
+    trained on, matched by track as train_mdnrnn.py does."""
+    trained = set()
     for path, ckpt, _ in vaes:
-        val = recorded_tracks(ckpt, "val_rollouts")
-        if val is None:
-            raise fail(f"{path} does not record which rollouts V held out (it predates that); "
+        tracks = recorded_tracks(ckpt, "train_rollouts")
+        if tracks is None:
+            raise fail(f"{path} does not record which rollouts V trained on (it predates that); "
                        f"retrain it with train_vae.py")
-        held = val if held is None else held & val
-        trained |= recorded_tracks(ckpt, "train_rollouts") or set()
-    counts = {p: n for p, n in scan_rollouts(data_dir).items() if track_of(p) in held - trained}
+        trained |= tracks
+    counts = {p: n for p, n in scan_rollouts(data_dir).items() if track_of(p) not in trained}
     if not counts:
-        raise fail(f"no rollout in {data_dir} is on a track that every V held out; train the Vs on the "
-                   f"same rollouts with the same --seed and --val-fraction, or point --data-dir at them")
+        raise fail(f"every rollout in {data_dir} is on a track that some V trained on; point --data-dir at "
+                   f"rollouts none trained on (a V's held-out ones, or collect_rollouts.py --seed with new tracks)")
     return counts
 
 
@@ -133,10 +133,10 @@ def main(cfg: Config) -> dict:
     writable_file(cfg.json, "--json")
     writable_file(cfg.png, "--png")
     vaes = load_vaes([p for p in cfg.ckpts.split(",") if p.strip()], device)
-    counts = held_out_by_all(vaes, cfg.data_dir)
+    counts = unseen_by_all(vaes, cfg.data_dir)
     if cfg.max_rollouts:
         counts = {p: counts[p] for p in sorted(counts)[:cfg.max_rollouts]}
-    print(f"{len(vaes)} V(s) on {sum(counts.values())} frames of {len(counts)} rollouts that all held out")
+    print(f"{len(vaes)} V(s) on {sum(counts.values())} frames of {len(counts)} rollouts that none trained on")
     summary, rows = compare(vaes, counts, cfg, device)
     print(f"{'V':<40} {'weighting':<10} {'mse road':>9} {'mse rest':>9} {'mse all':>9} {'recon':>7}")
     for r in summary["vaes"]:
