@@ -59,6 +59,11 @@ def local_generation(world_model):
     return one_generation(world_model, backend="local")
 
 
+# Far above a healthy run's time, so that only a real hang trips it: beside
+# a training run that held both cores, a healthy one took over 120 s.
+HANG_S = 300
+
+
 @contextmanager
 def no_hang(seconds: int):
     """A pool that hangs would hang the suite too: an alarm turns it into a failure."""
@@ -90,7 +95,7 @@ def test_results_come_in_task_order_as_one_process_gives_them(local_ray):
 def test_an_actor_killed_mid_generation_loses_nothing(local_ray, world_model, local_generation, monkeypatch):
     # Every actor's first life exits in the middle of its first task.
     monkeypatch.setenv("WM_FAULT", "exit-once")
-    with no_hang(120):
+    with no_hang(HANG_S):
         # Without restarts the fault ends the map: it does fire.
         with RayPool(1, EpisodeRunner, AgentSpec(max_steps=5), restarts=0) as pool:
             with pytest.raises(WorkerError, match="actor 0 died while running a task"):
@@ -100,7 +105,7 @@ def test_an_actor_killed_mid_generation_loses_nothing(local_ray, world_model, lo
 
 
 def test_an_actor_that_raises_is_one_clear_error(local_ray, world_model, monkeypatch, tmp_path):
-    with no_hang(120):
+    with no_hang(HANG_S):
         with pytest.raises(WorkerError, match="actor 0 failed while starting(.|\n)*vae.pt not found"):
             RayPool(1, EpisodeRunner, AgentSpec(ckpt_dir=str(tmp_path), controller={"features": "z"}))
         monkeypatch.setenv("WM_FAULT", "raise")
