@@ -11,9 +11,9 @@ The frames scored are those of the --data-dir rollouts on the tracks that
 no V's vae.pt lists as trained on (train_rollouts): the validation rollouts
 of Vs trained with the same --seed and --val-fraction on the same rollouts,
 or of one V when the others trained on other tracks, or rollouts collected
-on new tracks (collect_rollouts.py --seed). Writes --json (the numbers) and --png: --show
-held-out frames spread evenly over them, the mask over them (unmarked
-pixels dimmed), then each V's reconstruction, one row per V.
+on new tracks (collect_rollouts.py --seed). Writes --json (the numbers) and
+--png: --show held-out frames spread evenly over them, the mask over them
+(unmarked pixels dimmed), then each V's reconstruction, one row per V.
 
 usage: python compare_vae.py --ckpts checkpoints/plain/vae.pt,checkpoints/road/vae.pt --data-dir data/rollouts --json vae_comparison.json --png vae_comparison.png
 """
@@ -42,7 +42,7 @@ from wm.rollouts import track_of
 class Config:
     ckpts: str = "checkpoints/pretrained/vae.pt"  # the Vs to compare: vae.pt files, separated by commas
     data_dir: str = "data/rollouts"  # rollouts; those on tracks no V trained on are scored
-    max_rollouts: int = 0  # score only the first this many of the held-out rollouts (0: all of them)
+    max_rollouts: int = 0  # score only the first this many of those rollouts (0: all of them)
     batch_size: int = 250  # frames encoded at once
     show: int = 8  # held-out frames in the picture, spread evenly over them
     json: str = "vae_comparison.json"  # the numbers go here
