@@ -18,7 +18,8 @@ from conftest import error_line, run_script, write_tiny_vae
 from wm.checkpoint import load_checkpoint
 from wm.cli import UsageError
 from wm.env import COLLECT_SEED, make_env
-from wm.frames import CAR_COLS, CAR_ROWS, EDGE_PIXELS, preprocess, recon_weights, road_mask
+from wm.frames import (CAR_COLS, CAR_ROWS, EDGE_PIXELS, GRASS_GREEN_EXCESS, VOID_MAX, preprocess, recon_weights,
+                       road_mask)
 from wm.rollouts import rollout_path, write_rollout
 
 GRASS, ROAD = (100, 202, 100), (102, 102, 102)  # as they come out of the resize
@@ -102,10 +103,9 @@ def test_mask_of_uniform_frames():
 def test_mask_equals_the_rule_written_plainly(rendered):
     """The uint8 arithmetic and running maxima of road_mask against the rule
     in wide integers, grown by scipy's binary_dilation, frame by frame: on
-    random frames (every colour, the overflow corner included) and real ones."""
+    grass with specks of every colour (the uint8 overflow corner included)
+    and on real frames."""
     from scipy.ndimage import binary_dilation
-
-    from wm.frames import GRASS_GREEN_EXCESS, VOID_MAX
 
     rng = np.random.default_rng(0)
     noisy = np.full((6, 64, 64, 3), GRASS, np.uint8)  # grass, 1 pixel in 50 of any colour
