@@ -13,6 +13,8 @@
 #                  shipped agent's; 1 is the paper's)
 #   ROLLOUTS=n       tracks each CMA-ES member drives a generation (default 4;
 #                  the shipped run drove 8 from generation 142 on)
+#   RESET_SIGMA=s    on resuming, widen CMA-ES's step size to s once (the
+#                  shipped run: 0.05 at generation 203)
 set -euo pipefail
 cd "$(dirname "$0")"
 export SDL_VIDEODRIVER=${SDL_VIDEODRIVER:-dummy}
@@ -22,6 +24,7 @@ generations=${2:-300}
 workers=${WORKERS:-$(nproc)}
 k=${ACTION_REPEAT:-2}
 rollouts_per_member=${ROLLOUTS:-4}
+reset_sigma=${RESET_SIGMA:-0}
 
 # V and M, unless they are finished and shipped (mdnrnn.pt without the
 # mdnrnn_last.pt that training leaves behind, which git does not keep).
@@ -44,5 +47,5 @@ fi
 # episode ends after 200 frames without a new tile. C holds each action for
 # M's k frames (train_controller.py reads it from mdnrnn.pt).
 python train_controller.py --ckpt-dir "$ckpt" --pop-size 32 --rollouts-per-member "$rollouts_per_member" --patience 200 \
-    --eval-every 5 --eval-episodes 16 --generations "$generations" --workers "$workers"
+    --reset-sigma "$reset_sigma" --eval-every 5 --eval-episodes 16 --generations "$generations" --workers "$workers"
 python evaluate.py --ckpt-dir "$ckpt" --episodes 100 --workers "$workers" --json "$ckpt/scores.json"

@@ -10,7 +10,8 @@ a fixed set of held-out tracks; controller.pt keeps the best of those.
 
 Reads vae.pt (and mdnrnn.pt for `--features zh`) from --ckpt-dir and writes
 there: controller.pt (best by held-out score), controller_es.pkl (the CMA-ES
-state, rewritten every generation; a rerun resumes from it, --restart starts over),
+state, rewritten every generation; a rerun resumes from it, --restart starts over,
+--reset-sigma resumes it with a wider step size),
 controller_metrics.csv and controller_reward.png.
 
 --backend ray runs the workers as actors on a Ray cluster instead (see the
@@ -61,6 +62,7 @@ class Config:
     pop_size: int = 64  # CMA-ES population (the paper: 64)
     rollouts_per_member: int = 16  # episodes per member; fitness is their mean (the paper: 16)
     sigma0: float = 0.1  # CMA-ES initial step size (the paper: 0.1)
+    reset_sigma: float = 0.0  # on a resume, set CMA-ES's step size to this once, mean and covariance kept (0: keep it); widens a search that has narrowed too early
     generations: int = 100  # total generations, counting those already done before a resume
     workers: int = os.cpu_count() or 1  # worker processes (Ray actors with --backend ray), each with its own environments
     batch_size: int = 16  # episodes a worker drives at once in lockstep, V, M and C batched over them
@@ -201,6 +203,12 @@ def main(cfg: Config) -> dict:
     else:
         print(f"resuming from {es_path} at generation {state['generation']}")
     es = state["es"]
+    # Once per value, so that rerunning the same command after an interruption
+    # resumes the widened search instead of widening it again.
+    if cfg.reset_sigma and state["generation"] and state.get("reset_sigma") != cfg.reset_sigma:
+        print(f"step size {es.sigma:.4f} -> {cfg.reset_sigma} (--reset-sigma)")
+        es.sigma = cfg.reset_sigma
+        state["reset_sigma"] = cfg.reset_sigma
     # cma draws from numpy's global generator; restoring it makes a resumed run
     # propose what the uninterrupted one would have.
     np.random.set_state(state["np_random"])

@@ -8,6 +8,7 @@ import signal
 import time
 from types import SimpleNamespace
 
+import cma
 import numpy as np
 import pytest
 import torch
@@ -365,6 +366,34 @@ def test_cma_es_moves_c_toward_higher_rewards_each_its_own_member_s(tmp_path, mo
     assert es.result.fbest == pytest.approx(np.sum((es.result.xbest - target) ** 2), rel=1e-12)
 
 
+def test_reset_sigma_widens_a_resumed_search_once(tmp_path, monkeypatch):
+    """--reset-sigma sets the step size of the resumed CMA-ES and keeps its mean;
+    the same command rerun after an interruption goes on from the widened
+    search's own step size instead of widening it again."""
+    write_tiny_world_model(tmp_path, latent_size=2, hidden_size=2)
+    asked = []  # (step size, mean) that each generation's members were drawn with
+    ask = cma.CMAEvolutionStrategy.ask
+    monkeypatch.setattr(cma.CMAEvolutionStrategy, "ask",
+                        lambda es, *a, **k: asked.append((es.sigma, es.mean.copy())) or ask(es, *a, **k))
+    monkeypatch.setattr(train_controller, "RealFitness",
+                        lambda *args: lambda xs, seeds: (np.array([-np.sum((x - 1) ** 2) for x in xs]), 0))
+
+    def run(generations, **flags):
+        return train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=8, sigma0=0.5, generations=generations,
+                                            rollouts_per_member=1, max_steps=5, workers=1, eval_episodes=1, **flags))
+
+    before = run(2)["es"]
+    after = run(3, reset_sigma=2.0)["es"]
+    assert asked[2][0] == 2.0 != before.sigma
+    np.testing.assert_array_equal(asked[2][1], before.mean)  # not a restart from zero
+    assert np.abs(before.mean).max() > 0
+    run(4, reset_sigma=2.0)
+    assert asked[3][0] == after.sigma != 2.0
+    # A fresh run has no step size to reset: --sigma0 is its own.
+    run(1, reset_sigma=2.0, restart=True)
+    assert asked[4][0] == 0.5
+
+
 def test_a_worker_that_raises_ends_the_run_with_its_error(tmp_path):
     write_tiny_world_model(tmp_path)
     p = start_script(*tiny_run(tmp_path), env={"WM_FAULT": "raise"})
@@ -445,6 +474,7 @@ def test_bench_agent_times_the_env_alone_on_the_agent_s_actions(tmp_path):
     (["--sigma0", "0"], "--sigma0 must be positive"),
     (["--action-repeat", "-1"], "--action-repeat must be 0"),
     (["--patience", "-1"], "--patience must be non-negative"),
+    (["--reset-sigma", "-1"], "--reset-sigma must be non-negative"),
 ])
 def test_bad_flags_get_one_line_errors(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
