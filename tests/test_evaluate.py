@@ -112,6 +112,19 @@ def test_the_shipped_agent_plays_and_films_on_a_fresh_clone(tmp_path):
     assert iio.imread(video, index=None).shape == (15, 144, 384, 3)  # 30 decisions, every other filmed
 
 
+def test_the_shipped_z_only_c_plays_on_the_shipped_v(tmp_path):
+    """The results table's z-only row: its C is committed beside the shipped
+    one and reads the same V (a link, not a second copy)."""
+    z_only = ROOT / "checkpoints" / "pretrained" / "z_only"
+    assert (z_only / "vae.pt").resolve() == (z_only.parent / "vae.pt").resolve()
+    assert torch.load(z_only / "controller.pt", weights_only=True)["model_args"]["features"] == "z"
+    out = tmp_path / "out.json"
+    r = run_script("evaluate.py", "--ckpt-dir", str(z_only), "--episodes", "1", "--max-steps", "60",
+                   "--workers", "1", "--json", str(out), timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["steps"] == 60
+
+
 def test_the_agent_holds_its_actions_as_controller_pt_says(tmp_path):
     write_tiny_world_model(tmp_path, action_repeat=3)
     write_tiny_controller(tmp_path, action_repeat=3)
