@@ -112,14 +112,16 @@ def test_the_shipped_agent_plays_and_films_on_a_fresh_clone(tmp_path):
     assert iio.imread(video, index=None).shape == (15, 144, 384, 3)  # 30 decisions, every other filmed
 
 
-def test_the_shipped_z_only_c_plays_on_the_shipped_v(tmp_path):
-    """The results table's z-only row: its C is committed beside the shipped
-    one and reads the same V (a link, not a second copy)."""
-    z_only = ROOT / "checkpoints" / "pretrained" / "z_only"
-    assert (z_only / "vae.pt").resolve() == (z_only.parent / "vae.pt").resolve()
-    assert torch.load(z_only / "controller.pt", weights_only=True)["model_args"]["features"] == "z"
+@pytest.mark.parametrize("folder, features", [("z_only", "z"), ("dream", "zh")])
+def test_the_results_table_s_other_cs_play_on_the_shipped_v_and_m(tmp_path, folder, features):
+    """The z-only and dream-trained rows: their Cs are committed beside the
+    shipped one and read the same V and M (links, not second copies)."""
+    shipped = ROOT / "checkpoints" / "pretrained"
+    for name in ("vae.pt", "mdnrnn.pt") if features == "zh" else ("vae.pt",):
+        assert (shipped / folder / name).resolve() == (shipped / name).resolve()
+    assert torch.load(shipped / folder / "controller.pt", weights_only=True)["model_args"]["features"] == features
     out = tmp_path / "out.json"
-    r = run_script("evaluate.py", "--ckpt-dir", str(z_only), "--episodes", "1", "--max-steps", "60",
+    r = run_script("evaluate.py", "--ckpt-dir", str(shipped / folder), "--episodes", "1", "--max-steps", "60",
                    "--workers", "1", "--json", str(out), timeout=180)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["steps"] == 60
