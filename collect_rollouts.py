@@ -1,4 +1,5 @@
-"""Stage 1: drive CarRacing-v3 with a random policy and save the episodes.
+"""Stage 1: drive CarRacing-v3 with a random policy (or a scripted driver,
+--policy pursuit) and save the episodes.
 
 Each rollout is one compressed .npz under --out-dir, named by its track seed
 (rollout i uses seed --seed + i), holding 64x64 uint8 frames, actions,
@@ -53,7 +54,7 @@ class Config:
     workers: int = os.cpu_count() or 1  # parallel processes, or Ray actors with --backend ray (default: all cores)
     out_dir: str = "data/rollouts"  # where the .npz files go
     seed: int = COLLECT_SEED  # rollout i drives track seed seed + i; collection's own tracks are 10,000-99,999
-    policy: str = "brownian"  # brownian (smoothed random walk) or uniform (independent actions)
+    policy: str = "brownian"  # brownian (smoothed random walk), uniform (independent actions) or pursuit (follows the road at a random speed)
     action_repeat: int = 1  # frames each action is held; M and C then work at this rate (the paper: 1)
     backend: str = "local"  # where the workers run: local = processes here, ray = actors on a Ray cluster
     ray_address: str = ""  # --backend ray: empty joins the Ray running here or starts one, auto joins a running cluster, or HOST:PORT
@@ -68,7 +69,7 @@ def collect_one(seed: int, max_steps: int, policy: str, action_repeat: int = 1) 
     frames, actions, rewards, terms, truncs = [], [], [], [], []
     done = False
     while not done:
-        a = act()
+        a = act(env)
         frames.append(preprocess(obs))
         obs, r, term, trunc, _ = step_repeat(env, a, action_repeat)
         actions.append(a)

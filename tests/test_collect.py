@@ -60,6 +60,19 @@ def test_uniform_policy_differs_from_brownian():
     assert np.abs(np.diff(b, axis=0)).mean() < np.abs(np.diff(u, axis=0)).mean()
 
 
+def test_pursuit_policy_drives_along_the_road(tmp_path):
+    res = run_script("collect_rollouts.py", "--rollouts", "2", "--max-steps", "300", "--policy", "pursuit",
+                     "--action-repeat", "2", "--workers", "2", "--out-dir", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    for seed in (COLLECT_SEED, COLLECT_SEED + 1):
+        pursuit = read_rollout(rollout_path(tmp_path, seed))
+        brownian = collect_one(seed, 300, "brownian", action_repeat=2)
+        # Each new tile of road is worth 1000 / (tiles) points, about 3: in 300
+        # frames a car that follows the road gains dozens of tiles, a random one few.
+        assert pursuit["rewards"].sum() > 60 > brownian["rewards"].sum(), seed
+        assert pursuit["actions"][:, 1].max() > 0.5  # it accelerates
+
+
 def test_rerun_skips_complete_and_redoes_partial(tmp_path):
     out = tmp_path / "r"
     args = ("collect_rollouts.py", "--rollouts", "2", "--max-steps", "20", "--workers", "1",
