@@ -112,13 +112,16 @@ def test_the_shipped_agent_plays_and_films_on_a_fresh_clone(tmp_path):
     assert iio.imread(video, index=None).shape == (15, 144, 384, 3)  # 30 decisions, every other filmed
 
 
-@pytest.mark.parametrize("folder, features", [("z_only", "z"), ("dream", "zh")])
-def test_the_results_table_s_other_cs_play_on_the_shipped_v_and_m(tmp_path, folder, features):
-    """The z-only and dream-trained rows: their Cs are committed beside the
-    shipped one and read the same V and M (links, not second copies)."""
+@pytest.mark.parametrize("folder, features, shared", [("z_only", "z", ("vae.pt",)),
+                                                      ("dream", "zh", ("vae.pt", "mdnrnn.pt")),
+                                                      ("driving_data", "zh", ())])
+def test_the_results_table_s_other_cs_play(tmp_path, folder, features, shared):
+    """The table's other rows: their Cs are committed beside the shipped one.
+    The z-only and dream-trained Cs read the shipped V and M (links, not
+    second copies); the driving-data run has a V and M of its own."""
     shipped = ROOT / "checkpoints" / "pretrained"
-    for name in ("vae.pt", "mdnrnn.pt") if features == "zh" else ("vae.pt",):
-        assert (shipped / folder / name).resolve() == (shipped / name).resolve()
+    for name in ("vae.pt", "mdnrnn.pt"):
+        assert ((shipped / folder / name).resolve() == (shipped / name).resolve()) == (name in shared), name
     assert torch.load(shipped / folder / "controller.pt", weights_only=True)["model_args"]["features"] == features
     out = tmp_path / "out.json"
     r = run_script("evaluate.py", "--ckpt-dir", str(shipped / folder), "--episodes", "1", "--max-steps", "60",
@@ -181,3 +184,8 @@ def test_the_shipped_agent_warns_that_v_trained_on_evaluation_s_tracks(capsys):
     spec, _ = evaluate.agent_spec(cfg)
     evaluate.warn_on_seen_tracks(list(range(100)), evaluate.world_model_tracks(cfg, spec))
     assert "91 of the 100 tracks scored (seeds 0..99) are tracks that V trained on" in capsys.readouterr().err
+    # The driving-data run's V and M learned from collection's own tracks only.
+    cfg = Config(ckpt_dir=str(ROOT / "checkpoints" / "pretrained" / "driving_data"))
+    spec, _ = evaluate.agent_spec(cfg)
+    evaluate.warn_on_seen_tracks(list(range(100)), evaluate.world_model_tracks(cfg, spec))
+    assert capsys.readouterr().err == ""
