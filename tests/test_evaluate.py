@@ -180,12 +180,13 @@ def test_a_warning_when_the_tracks_scored_are_tracks_v_or_m_trained_on(tmp_path,
 def test_the_shipped_agent_warns_that_v_trained_on_evaluation_s_tracks(capsys):
     """The shipped V learned from rollouts of tracks 0..399, before collection
     had tracks of its own: its headline score is on 91 tracks it trained on."""
-    cfg = Config(ckpt_dir=str(ROOT / "checkpoints" / "pretrained"))
-    spec, _ = evaluate.agent_spec(cfg)
-    evaluate.warn_on_seen_tracks(list(range(100)), evaluate.world_model_tracks(cfg, spec))
-    assert "91 of the 100 tracks scored (seeds 0..99) are tracks that V trained on" in capsys.readouterr().err
+    def warning_on_tracks_0_to_99(folder):
+        cfg = Config(ckpt_dir=str(folder))
+        spec, _ = evaluate.agent_spec(cfg)
+        evaluate.warn_on_seen_tracks(list(range(100)), evaluate.world_model_tracks(cfg, spec))
+        return capsys.readouterr().err
+
+    shipped = ROOT / "checkpoints" / "pretrained"
+    assert "91 of the 100 tracks scored (seeds 0..99) are tracks that V trained on" in warning_on_tracks_0_to_99(shipped)
     # The driving-data run's V and M learned from collection's own tracks only.
-    cfg = Config(ckpt_dir=str(ROOT / "checkpoints" / "pretrained" / "driving_data"))
-    spec, _ = evaluate.agent_spec(cfg)
-    evaluate.warn_on_seen_tracks(list(range(100)), evaluate.world_model_tracks(cfg, spec))
-    assert capsys.readouterr().err == ""
+    assert warning_on_tracks_0_to_99(shipped / "driving_data") == ""
