@@ -12,13 +12,14 @@
 #   ACTION_REPEAT=k  frames each action is held by M and C (default 2, the
 #                  shipped agent's; 1 is the paper's)
 #   ROLLOUTS=n       tracks each CMA-ES member drives a generation (default 4;
-#                  the shipped run drove 8 from generation 142 on)
+#                  the random-data run drove 8 from generation 142 on)
 #   RESET_SIGMA=s    on resuming, widen CMA-ES's step size to s once (the
-#                  shipped run: 0.05 at generation 203)
-#   DRIVE=1          V and M learn from 300 random rollouts and 300 of a
-#                  scripted driver that follows the road (--policy pursuit),
-#                  all holding each action k frames: the candidate run in
-#                  checkpoints/pretrained/driving_data (docs/agent.md)
+#                  random-data run: 0.05 at generation 203)
+#   DRIVE=0          V and M learn from random rollouts only, as in the paper:
+#                  the earlier run in checkpoints/pretrained/random_data. By
+#                  default (DRIVE=1) they learn from 300 random rollouts and
+#                  300 of a scripted driver that follows the road (--policy
+#                  pursuit), all holding each action k frames (docs/agent.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 export SDL_VIDEODRIVER=${SDL_VIDEODRIVER:-dummy}
@@ -33,7 +34,7 @@ reset_sigma=${RESET_SIGMA:-0}
 # V and M, unless they are finished and shipped (mdnrnn.pt without the
 # mdnrnn_last.pt that training leaves behind, which git does not keep).
 if [ ! -f "$ckpt/mdnrnn.pt" ] || [ -f "$ckpt/mdnrnn_last.pt" ]; then
-    if [ "${DRIVE:-0}" = 1 ]; then
+    if [ "${DRIVE:-1}" = 1 ]; then
         # One folder serves V and M: every k-th frame of 600 rollouts, half of
         # them driven along the road at speeds that random actions never reach.
         rollouts=data/rollouts_drive_k$k latents=data/latents_drive_k$k
@@ -43,8 +44,8 @@ if [ ! -f "$ckpt/mdnrnn.pt" ] || [ -f "$ckpt/mdnrnn_last.pt" ]; then
         python train_vae.py --ckpt-dir "$ckpt" --data-dir "$rollouts" --epochs 3
     else
         # V learns from every frame of 400 random rollouts, of collection's own
-        # tracks (10,000 on). The shipped V's were tracks 0-399 (--seed 0), which
-        # evaluate.py also scores: it says so.
+        # tracks (10,000 on). The random-data V's were tracks 0-399 (--seed 0),
+        # which evaluate.py also scores: it says so.
         python collect_rollouts.py --rollouts 400 --workers "$workers"
         python train_vae.py --ckpt-dir "$ckpt" --epochs 3
         # M models every k-th frame, so it learns from rollouts that hold each

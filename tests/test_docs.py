@@ -64,3 +64,29 @@ def test_readme_script_help(script):
     result = run_script(script, "--help", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout
+
+
+def test_the_readme_s_results_table_matches_the_committed_scores():
+    """Each --json of the results block's commands is committed, and its mean
+    ± std and IQM [95% CI] stand in the table, as evaluate.py prints them;
+    every score in the table comes from one of those files."""
+    import json
+
+    block = (ROOT / "README.md").read_text().split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
+    table, commands = block.split("```")[0], block.split("```")[1]
+    paths = re.findall(r"--json (\S+)", commands)
+    assert len(paths) == len(commands.strip().splitlines()), "a command of the results block has no --json"
+
+    def number(x: float) -> str:
+        return f"{x:.1f}".replace("-", "−")  # the table writes a minus sign
+
+    cells = set()
+    for path in paths:
+        scores = json.loads((ROOT / path).read_text())
+        assert scores["episodes"] == 100, path
+        mean_std = f"{number(scores['mean'])} ± {number(scores['std'])}"
+        iqm = f"{number(scores['iqm'])} [{number(scores['iqm_ci95'][0])}, {number(scores['iqm_ci95'][1])}]"
+        assert mean_std in table and iqm in table, f"{path}: {mean_std}, IQM {iqm} not in the README's table"
+        cells |= {mean_std, iqm}
+    in_table = set(re.findall(r"−?\d+\.\d ± \d+\.\d|−?\d+\.\d \[−?\d+\.\d, −?\d+\.\d\]", table))
+    assert in_table == cells, f"scores in the table that no committed JSON holds: {in_table - cells}"
