@@ -6,7 +6,8 @@ in a pool of worker processes, and its fitness is its mean reward. A worker
 drives up to `--batch-size` episodes at once in lockstep (one member's
 rollouts, or several members'), so that V, M and C run on a batch. Every
 `--eval-every` generations, and after the last, the CMA-ES mean is scored on
-a fixed set of held-out tracks; controller.pt keeps the best of those.
+a fixed set of held-out tracks; controller.pt keeps the best of those. A
+resume with another --eval-episodes first scores controller.pt on the new set.
 
 Reads vae.pt (and mdnrnn.pt for `--features zh`) from --ckpt-dir and writes
 there: controller.pt (best by held-out score), controller_es.pkl (the CMA-ES
@@ -45,8 +46,8 @@ import numpy as np
 from tqdm import tqdm
 
 from models.controller import FEATURES, Controller, ControllerConfig
-from wm.agent import AgentSpec, EpisodeRunner, load_models, map_episodes
-from wm.checkpoint import save_checkpoint
+from wm.agent import AgentSpec, EpisodeRunner, check_trained_with, load_models, map_episodes
+from wm.checkpoint import load_checkpoint, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.dream import make_dream, save_dream_strip
 from wm.env import HELD_OUT_SEED, SEED_LIMIT, TRAIN_SEED  # the track-seed ranges
@@ -113,6 +114,22 @@ def run_in_pool(pool: Pool, tasks: list[tuple], batch_size: int, what: str,
                 patience: int = 0) -> list[tuple[float, int]]:
     with tqdm(total=len(tasks), desc=what, leave=False, unit="ep") as bar:
         return map_episodes(pool, tasks, batch_size, on_result=lambda i, r: bar.update(), patience=patience)
+
+
+def rescore_best(state: dict, controller: Controller, pool: Pool, cfg: Config, path: Path,
+                 held_out_seeds: list[int], fingerprints: dict) -> None:
+    """A resume with another --eval-episodes scores controller.pt again on the
+    new held-out tracks, so that later CMA-ES means are compared with it on the
+    same tracks (a state from before this was recorded counts as another)."""
+    ckpt = load_checkpoint(path, "controller")
+    check_trained_with(ckpt, path, fingerprints)
+    controller.load_state_dict(ckpt["model"])
+    held = run_in_pool(pool, [(controller.get_flat(), s) for s in held_out_seeds], cfg.batch_size, "held-out")
+    score = float(np.mean([r for r, _ in held]))
+    print(f"{path.name} (generation {ckpt['generation']}) scored again on {len(held_out_seeds)} held-out "
+          f"tracks: {score:.1f} (it had {state['best_held_out']:.1f} on the old ones)")
+    state["best_held_out"] = score
+    state["frames"] = state.get("frames", 0) + sum(n for _, n in held)
 
 
 def check_config(cfg: Config) -> None:
@@ -229,6 +246,9 @@ def main(cfg: Config) -> dict:
     try:
         with make_pool(cfg.backend, cfg.workers, EpisodeRunner, spec, ray_address=cfg.ray_address) as pool:
             fitness = dream if cfg.mode == "dream" else RealFitness(pool, cfg.batch_size, cfg.patience)
+            if state.get("eval_episodes") != cfg.eval_episodes and np.isfinite(state["best_held_out"]):
+                rescore_best(state, controller, pool, cfg, ckpt_dir / "controller.pt", held_out_seeds, fingerprints)
+            state["eval_episodes"] = cfg.eval_episodes
             for gen in range(start, cfg.generations):
                 t0 = time.time()
                 solutions = es.ask()

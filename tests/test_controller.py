@@ -344,6 +344,36 @@ def test_one_generation_then_resume(tmp_path):
     assert [r.split(",")[0] for r in rows] == ["generation", "1"]
 
 
+def test_more_held_out_tracks_on_a_resume_score_controller_pt_again_first(tmp_path, capsys):
+    """controller.pt's held-out score was on the old tracks; a resume with
+    another --eval-episodes scores it on the new ones before it is compared
+    with a later CMA-ES mean, and then only once."""
+    write_tiny_world_model(tmp_path)
+
+    def run(generations, eval_episodes):
+        return train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, rollouts_per_member=1,
+                                            generations=generations, max_steps=30, workers=1,
+                                            eval_every=1, eval_episodes=eval_episodes))
+
+    run(1, eval_episodes=1)
+    before = load_checkpoint(tmp_path / "controller.pt", kind="controller")
+    capsys.readouterr()
+    state = run(2, eval_episodes=3)
+    # What controller.pt scores on held-out tracks 0..2, driven here with the training's own agent loop.
+    c = Controller.from_checkpoint(before)
+    spec = AgentSpec(ckpt_dir=str(tmp_path), controller=before["model_args"], fast=True, max_steps=30)
+    expected = np.mean([r for r, _ in EpisodeRunner(spec)(c.get_flat()[None].repeat(3, 0),
+                                                          [train_controller.HELD_OUT_SEED + i for i in range(3)])])
+    assert f"controller.pt (generation 1) scored again on 3 held-out tracks: {expected:.1f} " \
+           f"(it had {before['held_out']:.1f} on the old ones)" in capsys.readouterr().out
+    rows = train_controller.MetricsLog(tmp_path / "controller_metrics.csv").rows()
+    assert state["best_held_out"] == pytest.approx(max(expected, float(rows[1]["held_out"])))
+    after = load_checkpoint(tmp_path / "controller.pt", kind="controller")
+    assert after["generation"] == (2 if float(rows[1]["held_out"]) > expected else 1)
+    run(3, eval_episodes=3)  # the same tracks: nothing to score again
+    assert "scored again" not in capsys.readouterr().out
+
+
 def test_cma_es_moves_c_toward_higher_rewards_each_its_own_member_s(tmp_path, monkeypatch):
     """train_controller's own loop, with a stub fitness in the pool's place
     that gives every member its own reward: -||x - target||^2."""
