@@ -116,6 +116,12 @@ def run_in_pool(pool: Pool, tasks: list[tuple], batch_size: int, what: str,
         return map_episodes(pool, tasks, batch_size, on_result=lambda i, r: bar.update(), patience=patience)
 
 
+def score_held_out(pool: Pool, x: np.ndarray, seeds: list[int], batch_size: int) -> tuple[list[float], int]:
+    """C's flat weights `x` on the held-out tracks: (score per track, frames driven)."""
+    held = run_in_pool(pool, [(x, s) for s in seeds], batch_size, "held-out")
+    return [r for r, _ in held], sum(n for _, n in held)
+
+
 def rescore_best(state: dict, controller: Controller, pool: Pool, cfg: Config, path: Path,
                  held_out_seeds: list[int], fingerprints: dict) -> None:
     """A resume with another --eval-episodes scores controller.pt again on the
@@ -124,12 +130,12 @@ def rescore_best(state: dict, controller: Controller, pool: Pool, cfg: Config, p
     ckpt = load_checkpoint(path, "controller")
     check_trained_with(ckpt, path, fingerprints)
     controller.load_state_dict(ckpt["model"])
-    held = run_in_pool(pool, [(controller.get_flat(), s) for s in held_out_seeds], cfg.batch_size, "held-out")
-    score = float(np.mean([r for r, _ in held]))
+    scores, frames = score_held_out(pool, controller.get_flat(), held_out_seeds, cfg.batch_size)
+    score = float(np.mean(scores))
     print(f"{path.name} (generation {ckpt['generation']}) scored again on {len(held_out_seeds)} held-out "
           f"tracks: {score:.1f} (it had {state['best_held_out']:.1f} on the old ones)")
     state["best_held_out"] = score
-    state["frames"] = state.get("frames", 0) + sum(n for _, n in held)
+    state["frames"] = state.get("frames", 0) + frames
 
 
 def check_config(cfg: Config) -> None:
@@ -260,9 +266,8 @@ def main(cfg: Config) -> dict:
                 frames = steps if cfg.mode == "real" else 0  # real frames: a dreamed step costs none
                 if (gen + 1) % cfg.eval_every == 0 or gen + 1 == cfg.generations:
                     mean_x = es.result.xfavorite  # the distribution's mean
-                    held = run_in_pool(pool, [(mean_x, s) for s in held_out_seeds], cfg.batch_size, "held-out")
-                    scores = [r for r, _ in held]
-                    frames += sum(n for _, n in held)
+                    scores, held_frames = score_held_out(pool, mean_x, held_out_seeds, cfg.batch_size)
+                    frames += held_frames
                     row["held_out"] = float(np.mean(scores))
                     if row["held_out"] > state["best_held_out"]:
                         state["best_held_out"] = row["held_out"]

@@ -1,9 +1,11 @@
 """The documents: every relative link and image in README.md and docs/*.md
 points at a file of the repository (and an anchor at a heading of that file),
-and every script the README names answers --help."""
+every script the README names answers --help, and the README's results table
+holds the committed scores."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -70,8 +72,6 @@ def test_the_readme_s_results_table_matches_the_committed_scores():
     """Each --json of the results block's commands is committed, and its mean
     ± std and IQM [95% CI] stand in the table, as evaluate.py prints them;
     every score in the table comes from one of those files."""
-    import json
-
     block = (ROOT / "README.md").read_text().split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
     table, commands = block.split("```")[0], block.split("```")[1]
     paths = re.findall(r"--json (\S+)", commands)
