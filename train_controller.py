@@ -126,7 +126,8 @@ def rescore_best(state: dict, controller: Controller, pool: Pool, cfg: Config, p
                  held_out_seeds: list[int], fingerprints: dict) -> None:
     """A resume with another --eval-episodes scores controller.pt again on the
     new held-out tracks, so that later CMA-ES means are compared with it on the
-    same tracks (a state from before this was recorded counts as another)."""
+    same tracks (a state from before this was recorded counts as another).
+    controller.pt keeps its weights and takes the new score."""
     ckpt = load_checkpoint(path, "controller")
     check_trained_with(ckpt, path, fingerprints)
     controller.load_state_dict(ckpt["model"])
@@ -136,6 +137,7 @@ def rescore_best(state: dict, controller: Controller, pool: Pool, cfg: Config, p
           f"tracks: {score:.1f} (it had {state['best_held_out']:.1f} on the old ones)")
     state["best_held_out"] = score
     state["frames"] = state.get("frames", 0) + frames
+    save_checkpoint(path, {**ckpt, "held_out": score, "held_out_std": float(np.std(scores))})
 
 
 def check_config(cfg: Config) -> None:
