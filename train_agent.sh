@@ -15,6 +15,8 @@
 #                  the random-data run drove 8 from generation 142 on)
 #   HELD_OUT=n       held-out tracks that choose controller.pt (default 48;
 #                  the shipped run had 16 up to generation 80)
+#   RACE=1           successive halving: every member drives half of the
+#                  ROLLOUTS tracks, only the better half drives the rest
 #   RESET_SIGMA=s    on resuming, widen CMA-ES's step size to s once (the
 #                  random-data run: 0.05 at generation 203)
 #   DRIVE=0          V and M learn from random rollouts only, as in the paper:
@@ -33,6 +35,8 @@ k=${ACTION_REPEAT:-2}
 rollouts_per_member=${ROLLOUTS:-4}
 reset_sigma=${RESET_SIGMA:-0}
 held_out=${HELD_OUT:-48}
+race=()
+if [ "${RACE:-0}" = 1 ]; then race=(--race); fi
 
 # V and M, unless they are finished and shipped (mdnrnn.pt without the
 # mdnrnn_last.pt that training leaves behind, which git does not keep).
@@ -66,6 +70,6 @@ fi
 # M's k frames (train_controller.py reads it from mdnrnn.pt). The CMA-ES mean
 # is scored on 48 held-out tracks every 5 generations: 16 gave a standard
 # error of about 39 points, and controller.pt was the luckiest of many.
-python train_controller.py --ckpt-dir "$ckpt" --pop-size 32 --rollouts-per-member "$rollouts_per_member" --patience 200 \
+python train_controller.py --ckpt-dir "$ckpt" --pop-size 32 --rollouts-per-member "$rollouts_per_member" --patience 200 "${race[@]}" \
     --reset-sigma "$reset_sigma" --eval-every 5 --eval-episodes "$held_out" --generations "$generations" --workers "$workers"
 python evaluate.py --ckpt-dir "$ckpt" --episodes 100 --workers "$workers" --json "$ckpt/scores.json"

@@ -2,7 +2,8 @@
 
 Each generation CMA-ES proposes `--pop-size` weight vectors for C; every one
 drives the same `--rollouts-per-member` tracks (new tracks each generation)
-in a pool of worker processes, and its fitness is its mean reward. A worker
+in a pool of worker processes, and its fitness is its mean reward (--race:
+only the better half on the first half of the tracks drives the rest). A worker
 drives up to `--batch-size` episodes at once in lockstep (one member's
 rollouts, or several members'), so that V, M and C run on a batch. Every
 `--eval-every` generations, and after the last, the CMA-ES mean is scored on
@@ -69,6 +70,7 @@ class Config:
     batch_size: int = 16  # episodes a worker drives at once in lockstep, V, M and C batched over them
     max_steps: int = 1000  # time limit of an episode, in frames (the paper: 1000)
     action_repeat: int = 0  # frames each action is held; 0: M's (features zh, or dream mode), else 1 (the paper: 1)
+    race: bool = False  # real mode: successive halving; every member drives the first half of the tracks, only the better half drives the rest and ranks above the others (fitness: the mean over the tracks it drove)
     patience: int = 0  # real mode: a training episode ends after this many frames without a positive reward, charged -0.1 a frame left (0: never, the paper; held-out never)
     eval_every: int = 10  # score the CMA-ES mean on held-out tracks every this many generations (the paper: 25)
     eval_episodes: int = 16  # held-out tracks (the paper: 1024)
@@ -98,16 +100,43 @@ class RealFitness:
     source (a dream in M) can take this one's place in `main`.
     """
 
-    def __init__(self, pool: Pool, batch_size: int, patience: int = 0):
-        self.pool, self.batch_size, self.patience = pool, batch_size, patience
+    def __init__(self, pool: Pool, batch_size: int, patience: int = 0, race: bool = False):
+        self.pool, self.batch_size, self.patience, self.race = pool, batch_size, patience, race
+        self.survivors: np.ndarray | None = None  # race: the members that drove every track
 
     def __call__(self, solutions: list[np.ndarray], seeds: list[int]) -> tuple[np.ndarray, int]:
-        """-> (mean reward per member (P,), environment steps taken)."""
+        """-> (mean reward per member (P,) over the tracks it drove, environment steps taken)."""
+        if not self.race:
+            rewards, steps = self.drive(solutions, seeds, "rollouts")
+            return rewards.mean(1), steps
+        # Successive halving: the better half on the first tracks drives the rest too.
+        half = len(seeds) // 2
+        first, steps = self.drive(solutions, seeds[:half], "rollouts, first half")
+        self.survivors = np.zeros(len(solutions), dtype=bool)
+        self.survivors[np.argsort(-first.mean(1), kind="stable")[:len(solutions) // 2]] = True
+        rest, more = self.drive([x for x, s in zip(solutions, self.survivors) if s], seeds[half:],
+                                "rollouts, better half")
+        rewards = first.mean(1)
+        rewards[self.survivors] = np.concatenate([first[self.survivors], rest], axis=1).mean(1)
+        return rewards, steps + more
+
+    def drive(self, solutions: list[np.ndarray], seeds: list[int], what: str) -> tuple[np.ndarray, int]:
+        """-> (reward per member and track (P, len(seeds)), environment steps taken)."""
         # Member-major, so that a worker's batch is one member's rollouts, or several members'.
         tasks = [(x, s) for x in solutions for s in seeds]
-        results = run_in_pool(self.pool, tasks, self.batch_size, "rollouts", self.patience)
+        results = run_in_pool(self.pool, tasks, self.batch_size, what, self.patience)
         rewards = np.array([r for r, _ in results]).reshape(len(solutions), len(seeds))
-        return rewards.mean(1), sum(n for _, n in results)
+        return rewards, sum(n for _, n in results)
+
+
+def race_ranking(rewards: np.ndarray, survivors: np.ndarray) -> np.ndarray:
+    """What CMA-ES minimises after a race: the members that drove every track
+    first, by their mean over all of them, then the rest by their mean over the
+    first half (pycma uses only the order)."""
+    order = np.lexsort((-rewards, ~survivors))  # the last key sorts first
+    ranks = np.empty(len(rewards))
+    ranks[order] = np.arange(len(rewards))
+    return ranks
 
 
 def run_in_pool(pool: Pool, tasks: list[tuple], batch_size: int, what: str,
@@ -147,6 +176,9 @@ def check_config(cfg: Config) -> None:
         raise fail(f"--action-repeat must be 0 (M's, or 1 without M) or a number of frames, got {cfg.action_repeat}")
     if cfg.mode not in ("real", "dream"):
         raise fail(f"--mode must be real or dream, got {cfg.mode!r}")
+    if cfg.race and (cfg.mode != "real" or cfg.rollouts_per_member < 2):
+        raise fail(f"--race splits each member's tracks in two on the real game: it needs --mode real and "
+                   f"--rollouts-per-member 2 or more, got --mode {cfg.mode} --rollouts-per-member {cfg.rollouts_per_member}")
     check_backend(cfg.backend, cfg.ray_address)
 
 
@@ -253,7 +285,7 @@ def main(cfg: Config) -> dict:
     held_out_seeds = [HELD_OUT_SEED + i for i in range(cfg.eval_episodes)]
     try:
         with make_pool(cfg.backend, cfg.workers, EpisodeRunner, spec, ray_address=cfg.ray_address) as pool:
-            fitness = dream if cfg.mode == "dream" else RealFitness(pool, cfg.batch_size, cfg.patience)
+            fitness = dream if cfg.mode == "dream" else RealFitness(pool, cfg.batch_size, cfg.patience, cfg.race)
             if state.get("eval_episodes") != cfg.eval_episodes and np.isfinite(state["best_held_out"]):
                 rescore_best(state, controller, pool, cfg, ckpt_dir / "controller.pt", held_out_seeds, fingerprints)
             state["eval_episodes"] = cfg.eval_episodes
@@ -261,7 +293,8 @@ def main(cfg: Config) -> dict:
                 t0 = time.time()
                 solutions = es.ask()
                 rewards, steps = fitness(solutions, train_seeds(cfg.seed, gen, cfg.rollouts_per_member))
-                es.tell(solutions, (-rewards).tolist())  # cma minimises
+                # cma minimises
+                es.tell(solutions, (race_ranking(rewards, fitness.survivors) if cfg.race else -rewards).tolist())
                 row = {"generation": gen + 1, "mean": rewards.mean(), "best": rewards.max(),
                        "worst": rewards.min(), "sigma": es.sigma,
                        "steps_per_s": steps / (time.time() - t0)}

@@ -239,6 +239,42 @@ def test_early_stop_flag_saves_frames_in_training_only(tmp_path):
     assert 2 * 60 <= frames[1] < frames[0]
 
 
+def test_race_drives_the_rest_of_the_tracks_with_the_better_half_only(monkeypatch):
+    """Successive halving, with a stub for the pool: member i scores 10 i + the
+    track's seed on every track, except member 1, which scores 100 on the
+    first half and 0 on the rest."""
+    driven = []
+
+    def drive(pool, tasks, batch_size, what, patience=0):
+        driven.extend(tasks)
+        return [((100.0 if s < 12 else 0.0) if x[0] == 1 else 10.0 * x[0] + s, 7) for x, s in tasks]
+
+    monkeypatch.setattr(train_controller, "run_in_pool", drive)
+    solutions = [np.full(3, float(i)) for i in range(6)]
+    fitness = train_controller.RealFitness(pool=None, batch_size=16, race=True)
+    rewards, steps = fitness(solutions, [10, 11, 12, 13])
+    # First half (tracks 10, 11): member 1 scores 100, the others 10 i + 10.5; the
+    # better half is members 5, 1 and 4, which then drive tracks 12 and 13 too.
+    assert fitness.survivors.tolist() == [False, True, False, False, True, True]
+    assert sorted((int(x[0]), s) for x, s in driven if s >= 12) == [(1, 12), (1, 13), (4, 12), (4, 13),
+                                                                     (5, 12), (5, 13)]
+    np.testing.assert_allclose(rewards, [10.5, 50.0, 30.5, 40.5, 51.5, 61.5])
+    assert steps == 7 * (6 * 2 + 3 * 2)
+    # CMA-ES ranks every member that drove all tracks above the others, however
+    # they scored on the rest: member 1 (50) above member 3 (40.5 on two tracks).
+    assert train_controller.race_ranking(rewards, fitness.survivors).tolist() == [5, 2, 4, 3, 1, 0]
+
+
+def test_race_flag_runs_the_script_and_counts_the_frames_it_drove(tmp_path):
+    write_tiny_world_model(tmp_path)
+    train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, rollouts_per_member=2, generations=1,
+                                 max_steps=60, workers=1, eval_episodes=1, race=True))
+    rows = (tmp_path / "controller_metrics.csv").read_text().splitlines()
+    frames = int(float(rows[1].split(",")[rows[0].split(",").index("frames")]))
+    # 4 members on the first track, the better 2 on the second, 1 held-out track: 60 frames each.
+    assert frames == (4 + 2 + 1) * 60
+
+
 # --- the worker pool ------------------------------------------------------------
 
 def test_pool_returns_results_in_task_order_as_one_process_would():
@@ -508,6 +544,8 @@ def test_bench_agent_times_the_env_alone_on_the_agent_s_actions(tmp_path):
     (["--action-repeat", "-1"], "--action-repeat must be 0"),
     (["--patience", "-1"], "--patience must be non-negative"),
     (["--reset-sigma", "-1"], "--reset-sigma must be non-negative"),
+    (["--race", "--rollouts-per-member", "1"], "--race splits each member's tracks in two"),
+    (["--race", "--mode", "dream", "--rollouts-per-member", "4"], "--race splits each member's tracks in two"),
 ])
 def test_bad_flags_get_one_line_errors(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
