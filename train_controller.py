@@ -278,7 +278,8 @@ def main(cfg: Config) -> dict:
 
     held = f", each action held {action_repeat} frames" if action_repeat != 1 else ""
     print(f"C: {cfg.features}, {controller.n_params} parameters; population {cfg.pop_size} x "
-          f"{cfg.rollouts_per_member} rollouts of up to {cfg.max_steps} frames{held}, {cfg.workers} "
+          f"{cfg.rollouts_per_member} rollouts of up to {cfg.max_steps} frames{held}"
+          f"{' (racing: the better half drives the second half of them)' if cfg.race else ''}, {cfg.workers} "
           f"{'Ray actors' if cfg.backend == 'ray' else 'workers'}")
     spec = AgentSpec(ckpt_dir=str(ckpt_dir), controller=asdict(ccfg), fast=True,
                      max_steps=cfg.max_steps, action_repeat=action_repeat)

@@ -265,10 +265,11 @@ def test_race_drives_the_rest_of_the_tracks_with_the_better_half_only(monkeypatc
     assert train_controller.race_ranking(rewards, fitness.survivors).tolist() == [5, 2, 4, 3, 1, 0]
 
 
-def test_race_flag_runs_the_script_and_counts_the_frames_it_drove(tmp_path):
+def test_race_flag_runs_the_script_and_counts_the_frames_it_drove(tmp_path, capsys):
     write_tiny_world_model(tmp_path)
     train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, rollouts_per_member=2, generations=1,
                                  max_steps=60, workers=1, eval_episodes=1, race=True))
+    assert "(racing: the better half drives the second half of them)" in capsys.readouterr().out
     rows = (tmp_path / "controller_metrics.csv").read_text().splitlines()
     frames = int(float(rows[1].split(",")[rows[0].split(",").index("frames")]))
     # 4 members on the first track, the better 2 on the second, 1 held-out track: 60 frames each.
