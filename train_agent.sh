@@ -13,6 +13,9 @@
 #                  shipped agent's; 1 is the paper's)
 #   ROLLOUTS=n       tracks each CMA-ES member drives a generation (default 4;
 #                  the random-data run drove 8 from generation 142 on)
+#   POP=n            CMA-ES population (default 32); another one on a resume
+#                  goes on from the mean and step size (the shipped run: 64
+#                  from generation 161)
 #   HELD_OUT=n       held-out tracks that choose controller.pt (default 48;
 #                  the shipped run had 16 up to generation 80)
 #   RACE=1           successive halving: every member drives half of the
@@ -33,6 +36,7 @@ generations=${2:-300}
 workers=${WORKERS:-$(nproc)}
 k=${ACTION_REPEAT:-2}
 rollouts_per_member=${ROLLOUTS:-4}
+pop_size=${POP:-32}
 reset_sigma=${RESET_SIGMA:-0}
 held_out=${HELD_OUT:-48}
 race=()
@@ -65,11 +69,11 @@ if [ ! -f "$ckpt/mdnrnn.pt" ] || [ -f "$ckpt/mdnrnn_last.pt" ]; then
     fi
     python train_mdnrnn.py --ckpt-dir "$ckpt" --data-dir "$rollouts" --latent-dir "$latents" --epochs 30
 fi
-# 32 members x 4 shared tracks (lucid-dream-racer's budget; ROLLOUTS changes the 4); a training
+# 32 members x 4 shared tracks (lucid-dream-racer's budget; POP and ROLLOUTS change them); a training
 # episode ends after 200 frames without a new tile. C holds each action for
 # M's k frames (train_controller.py reads it from mdnrnn.pt). The CMA-ES mean
 # is scored on 48 held-out tracks every 5 generations: 16 gave a standard
 # error of about 39 points, and controller.pt was the luckiest of many.
-python train_controller.py --ckpt-dir "$ckpt" --pop-size 32 --rollouts-per-member "$rollouts_per_member" --patience 200 "${race[@]}" \
+python train_controller.py --ckpt-dir "$ckpt" --pop-size "$pop_size" --rollouts-per-member "$rollouts_per_member" --patience 200 "${race[@]}" \
     --reset-sigma "$reset_sigma" --eval-every 5 --eval-episodes "$held_out" --generations "$generations" --workers "$workers"
 python evaluate.py --ckpt-dir "$ckpt" --episodes 100 --workers "$workers" --json "$ckpt/scores.json"

@@ -466,6 +466,44 @@ def test_reset_sigma_widens_a_resumed_search_once(tmp_path, monkeypatch):
     assert asked[4][0] == 0.5
 
 
+def test_another_pop_size_on_a_resume_goes_on_from_the_mean_and_step_size(tmp_path, monkeypatch, capsys):
+    """A resume with another --pop-size keeps where the search stands (its
+    mean and step size) and asks for the new number of members; the next
+    resume at that size goes on without starting again."""
+    write_tiny_world_model(tmp_path, latent_size=2, hidden_size=2)
+    asked = []  # (members, step size, mean) of each generation
+    ask = cma.CMAEvolutionStrategy.ask
+
+    def record(es, *a, **k):
+        xs = ask(es, *a, **k)
+        asked.append((len(xs), es.sigma, es.mean.copy()))
+        return xs
+
+    monkeypatch.setattr(cma.CMAEvolutionStrategy, "ask", record)
+    monkeypatch.setattr(train_controller, "RealFitness",
+                        lambda *args: lambda xs, seeds: (np.array([-np.sum((x - 1) ** 2) for x in xs]), 0))
+
+    def run(generations, pop_size):
+        return train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=pop_size, sigma0=0.5,
+                                            generations=generations, rollouts_per_member=1, max_steps=5,
+                                            workers=1, eval_episodes=1))
+
+    before = run(2, pop_size=4)["es"]
+    capsys.readouterr()
+    state = run(3, pop_size=6)
+    assert f"population 4 -> 6: CMA-ES goes on from its mean at step size {before.sigma:.4f}" in capsys.readouterr().out
+    assert [n for n, _, _ in asked] == [4, 4, 6]
+    assert asked[2][1] == before.sigma
+    np.testing.assert_array_equal(asked[2][2], before.mean)
+    assert np.abs(before.mean).max() > 0  # not a restart from zero
+    run(4, pop_size=6)
+    assert "goes on from its mean" not in capsys.readouterr().out
+    assert [n for n, _, _ in asked] == [4, 4, 6, 6]
+    assert asked[3][1] == state["es"].sigma and asked[3][1] != before.sigma  # went on, not back
+    rows = train_controller.MetricsLog(tmp_path / "controller_metrics.csv").rows()
+    assert [r["generation"] for r in rows] == ["1", "2", "3", "4"]
+
+
 def test_a_worker_that_raises_ends_the_run_with_its_error(tmp_path):
     write_tiny_world_model(tmp_path)
     p = start_script(*tiny_run(tmp_path), env={"WM_FAULT": "raise"})
