@@ -22,6 +22,9 @@
 #                  ROLLOUTS tracks, only the better half drives the rest
 #   RESET_SIGMA=s    on resuming, widen CMA-ES's step size to s once (the
 #                  random-data run: 0.05 at generation 203)
+#   VAE=path         reuse this vae.pt instead of training V (DRIVE=1 only;
+#                  the k = 1 run in checkpoints/pretrained/drive_k1 reuses the
+#                  shipped V, which learned from the same tracks' frames)
 #   DRIVE=0          V and M learn from random rollouts only, as in the paper:
 #                  the earlier run in checkpoints/pretrained/random_data. By
 #                  default (DRIVE=1) they learn from 300 random rollouts and
@@ -39,6 +42,9 @@ rollouts_per_member=${ROLLOUTS:-4}
 pop_size=${POP:-32}
 reset_sigma=${RESET_SIGMA:-0}
 held_out=${HELD_OUT:-48}
+if [ -n "${VAE:-}" ] && [ ! -f "$VAE" ]; then
+    echo "VAE=$VAE: no such file; give the vae.pt to reuse, or leave VAE out to train V" >&2; exit 2
+fi
 race=()
 if [ "${RACE:-0}" = 1 ]; then race=(--race); fi
 
@@ -52,7 +58,12 @@ if [ ! -f "$ckpt/mdnrnn.pt" ] || [ -f "$ckpt/mdnrnn_last.pt" ]; then
         python collect_rollouts.py --rollouts 300 --workers "$workers" --action-repeat "$k" --out-dir "$rollouts"
         python collect_rollouts.py --rollouts 300 --workers "$workers" --action-repeat "$k" --out-dir "$rollouts" \
             --seed 10300 --policy pursuit
-        python train_vae.py --ckpt-dir "$ckpt" --data-dir "$rollouts" --epochs 3
+        if [ -n "${VAE:-}" ]; then
+            mkdir -p "$ckpt"
+            cmp -s "$VAE" "$ckpt/vae.pt" || cp "$VAE" "$ckpt/vae.pt"
+        else
+            python train_vae.py --ckpt-dir "$ckpt" --data-dir "$rollouts" --epochs 3
+        fi
     else
         # V learns from every frame of 400 random rollouts, of collection's own
         # tracks (10,000 on). The random-data V's were tracks 0-399 (--seed 0),
