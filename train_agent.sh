@@ -59,8 +59,8 @@ if [ ! -f "$ckpt/mdnrnn.pt" ] || [ -f "$ckpt/mdnrnn_last.pt" ]; then
         python collect_rollouts.py --rollouts 300 --workers "$workers" --action-repeat "$k" --out-dir "$rollouts" \
             --seed 10300 --policy pursuit
         if [ -n "${VAE:-}" ]; then
-            mkdir -p "$ckpt"
-            cmp -s "$VAE" "$ckpt/vae.pt" || cp "$VAE" "$ckpt/vae.pt"
+            mkdir -p "$ckpt"  # a link, not a second copy
+            cmp -s "$VAE" "$ckpt/vae.pt" || ln -sf "$(realpath --relative-to="$ckpt" "$VAE")" "$ckpt/vae.pt"
         else
             python train_vae.py --ckpt-dir "$ckpt" --data-dir "$rollouts" --epochs 3
         fi
