@@ -208,7 +208,7 @@ def load_es_state(path: Path, signature: dict) -> dict | None:
         raise fail(f"{path} is from a {made['mode']}-mode run and this one is {this['mode']}-mode; pass "
                    f"--mode {made['mode']} to resume it, or --restart to start over")
     for key, value in this.items():
-        if key != "pop_size" and made.get(key) != value:  # another population: see resize_population
+        if made.get(key) != value:
             raise fail(f"{path} was made with {key} = {made.get(key)}, this run has "
                        f"{value}; pass --restart to start over, or match its settings")
     return state
@@ -257,8 +257,9 @@ def main(cfg: Config) -> dict:
     writable_folder(ckpt_dir, "--ckpt-dir")
 
     es_path = ckpt_dir / "controller_es.pkl"
+    # What a resume must match; not the population, which resize_population changes.
     signature = {"features": cfg.features, "n_params": controller.n_params,
-                 "pop_size": cfg.pop_size, "action_repeat": action_repeat, **fingerprints}
+                 "action_repeat": action_repeat, **fingerprints}
     if cfg.mode == "dream":
         signature.update(mode="dream", dream_mdnrnn_fingerprint=world.mdnrnn_fingerprint)
     state = load_es_state(es_path, signature) if not cfg.restart else None
@@ -280,7 +281,6 @@ def main(cfg: Config) -> dict:
         state["reset_sigma"] = cfg.reset_sigma
     if state["generation"] and es.popsize != cfg.pop_size:
         es = state["es"] = resize_population(es, cfg.pop_size, cfg.seed + 1 + state["generation"])
-        state["signature"]["pop_size"] = cfg.pop_size
     # cma draws from numpy's global generator; restoring it makes a resumed run
     # propose what the uninterrupted one would have.
     np.random.set_state(state["np_random"])
