@@ -15,7 +15,7 @@
 #                  the random-data run drove 8 from generation 142 on)
 #   POP=n            CMA-ES population (default 32); another one on a resume
 #                  goes on from the mean and step size (the shipped run: 64
-#                  from generation 161)
+#                  from generation 162)
 #   HELD_OUT=n       held-out tracks that choose controller.pt (default 48;
 #                  the shipped run had 16 up to generation 80)
 #   RACE=1           successive halving: every member drives half of the
