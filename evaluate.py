@@ -19,6 +19,10 @@ action repeat; 1 for files from before it, and for the random baseline).
 --policy ppo scores a PPO baseline instead: --ckpt-dir is one of train_ppo.py's
 run folders, which records the arm, its V and M, and the frame skip.
 
+--drive-stats also says how each episode was driven: how often the steering
+changes sign from one decision to the next (a bang-bang driver's flips), mean
+|steer|, gas and brake, and the top speed (wm.env.DrivingLog).
+
 --backend ray scores the episodes on the actors of a Ray cluster (see the
 README's section on it), with the same scores.
 
@@ -42,7 +46,7 @@ from wm.agent import (AgentSpec, EpisodeRunner, build_agent, check_trained_with,
                       run_episode, run_episodes)
 from wm.checkpoint import load_checkpoint, recorded_tracks
 from wm.cli import fail, resolve_device, run_main
-from wm.env import EVAL_SEED, make_env
+from wm.env import EVAL_SEED, DrivingLog, make_env
 from wm.files import writable_file, write_atomically
 from wm.frames import to_image
 from wm.pool import WorkerError, check_backend, make_pool
@@ -60,6 +64,7 @@ class Config:
     render: str = "none"  # none, or human: a window to watch the agent drive (runs in this process)
     video: str = None  # record the first episode to this .gif or .mp4
     json: str = None  # write the scores here: scores, mean, std, episodes, seed
+    drive_stats: bool = False  # also measure how the car is driven (steering sign flips, |steer|, gas, brake, top speed), per episode and in the JSON; runs in this process
     device: str = "auto"  # auto, cpu or cuda, for the episodes run in this process
     backend: str = "local"  # where the workers run: local = processes here, ray = actors on a Ray cluster
     ray_address: str = ""  # --backend ray: empty joins the Ray running here or starts one, auto joins a running cluster, or HOST:PORT
@@ -223,36 +228,44 @@ def main(cfg: Config) -> dict:
     seeds = [cfg.seed + i for i in range(cfg.episodes)]
     warn_on_seen_tracks(seeds, world_model_tracks(cfg, spec))
     results: dict[int, tuple[float, int]] = {}
+    driving: dict[int, dict] = {}  # --drive-stats
     t0 = time.time()
 
-    def report(i: int, result: tuple[float, int]) -> None:
+    def report(i: int, result: tuple[float, int], env=None) -> None:
         results[i] = result
-        print(f"episode {i + 1:3d}  seed {seeds[i]}  score {result[0]:7.1f}  steps {result[1]}", flush=True)
+        line = f"episode {i + 1:3d}  seed {seeds[i]}  score {result[0]:7.1f}  steps {result[1]}"
+        if cfg.drive_stats:
+            driving[i] = d = env.summary(spec.action_repeat)
+            line += (f"  steer flips {d['steer_flips']:.0%}  |steer| {d['abs_steer']:.2f}  gas {d['gas']:.2f}  "
+                     f"brake {d['brake']:.2f}  top speed {d['top_speed']:.0f}")
+        print(line, flush=True)
 
-    in_process = (cfg.workers == 1 and cfg.backend == "local") or cfg.render == "human"
+    in_process = (cfg.workers == 1 and cfg.backend == "local") or cfg.render == "human" or cfg.drive_stats
     if in_process or cfg.video:
         # This process drives all episodes (or just the filmed one) itself.
         agent = build_agent(spec, resolve_device(cfg.device))
         if params is not None:
             agent.controller.set_flat(params)
-        envs = [make_env(fast=False, render_mode="human" if cfg.render == "human" else None,
-                         max_steps=cfg.max_steps)]
+        new_env = (lambda **kw: DrivingLog(make_env(**kw))) if cfg.drive_stats else make_env
+        envs = [new_env(fast=False, render_mode="human" if cfg.render == "human" else None,
+                        max_steps=cfg.max_steps)]
         if cfg.video:  # the filmed episode alone
             # Every frame the agent sees, but at most 25 a second in a GIF.
             every = -(-4 // spec.action_repeat) if cfg.video.lower().endswith(".gif") else 1
             video = VideoRecorder(cfg.video, every, spec.action_repeat)
-            report(0, run_episode(envs[0], agent, seeds[0], on_step=video, action_repeat=spec.action_repeat))
+            report(0, run_episode(envs[0], agent, seeds[0], on_step=video, action_repeat=spec.action_repeat),
+                   envs[0])
             video.save()
             print(f"video of episode 1 saved to {cfg.video}")
         if in_process:
             batch = 1 if cfg.render == "human" else cfg.batch_size  # one window, one car
-            envs += [make_env(fast=False, max_steps=cfg.max_steps) for _ in range(min(batch, len(seeds)) - 1)]
+            envs += [new_env(fast=False, max_steps=cfg.max_steps) for _ in range(min(batch, len(seeds)) - 1)]
             todo = [i for i in range(len(seeds)) if i not in results]
             for start in range(0, len(todo), batch):
                 rows = todo[start:start + batch]
-                for i, result in zip(rows, run_episodes(envs, agent, [seeds[i] for i in rows],
-                                                         action_repeat=spec.action_repeat)):
-                    report(i, result)
+                for i, env, result in zip(rows, envs, run_episodes(envs, agent, [seeds[i] for i in rows],
+                                                                   action_repeat=spec.action_repeat)):
+                    report(i, result, env)
         for env in envs:
             env.close()
     todo = [i for i in range(len(seeds)) if i not in results]
@@ -271,6 +284,12 @@ def main(cfg: Config) -> dict:
                "iqm": iqm, "iqm_ci95": [low, high],
                "episodes": len(scores), "seed": cfg.seed, "policy": cfg.policy,
                "steps": sum(results[i][1] for i in range(len(seeds))), "seconds": time.time() - t0}
+    if cfg.drive_stats:
+        summary["driving"] = [driving[i] for i in range(len(seeds))]
+        means = {key: np.mean([d[key] for d in summary["driving"]]) for key in driving[0]}
+        print(f"driving, mean over the episodes: steer flips {means['steer_flips']:.0%}, |steer| "
+              f"{means['abs_steer']:.2f}, gas {means['gas']:.2f}, brake {means['brake']:.2f}, "
+              f"top speed {means['top_speed']:.0f}")
     print(f"{cfg.policy}: {summary['mean']:.1f} +- {summary['std']:.1f}, IQM {iqm:.1f} [{low:.1f}, {high:.1f}] "
           f"over {len(scores)} episodes on CarRacing-v3 (seeds {seeds[0]}..{seeds[-1]})")
     if cfg.json:

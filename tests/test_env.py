@@ -10,7 +10,7 @@ import pygame
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from wm.env import ENV_ID, FAST_ENV_ID, FastCarRacing, make_env, rotate_like_pygame, step_repeat
+from wm.env import ENV_ID, FAST_ENV_ID, DrivingLog, FastCarRacing, make_env, rotate_like_pygame, step_repeat
 from wm.frames import preprocess, to_image, to_model_input
 from wm.policies import BrownianPolicy
 
@@ -166,3 +166,26 @@ def test_model_input_scales_to_unit_range_and_back():
     x = to_model_input(frames)
     assert x.shape == (2, 3, 64, 64) and x.min() >= 0 and x.max() <= 1
     assert np.array_equal(to_image(x), frames)
+
+
+def test_the_driving_log_counts_decisions_and_reads_the_game_s_speed():
+    env = DrivingLog(make_env(fast=True))
+    env.reset(seed=3)
+    decisions = [(0.5, 1.0, 0.0), (-0.5, 1.0, 0.0), (-0.5, 1.0, 0.0), (0.0, 1.0, 0.0), (0.3, 0.0, 0.5)]
+    speeds = []
+    for action in decisions:
+        step_repeat(env, np.array(action), 2)  # each decision held 2 frames
+        vx, vy = env.unwrapped.car.hull.linearVelocity
+        speeds.append(float(np.linalg.norm([vx, vy])))
+    d = env.summary(action_repeat=2)
+    # By hand: of the 4 pairs of decisions only (0.5, -0.5) changes sign (0 has none).
+    assert d["steer_flips"] == pytest.approx(1 / 4) and d["frames"] == 10
+    assert d["abs_steer"] == pytest.approx(np.mean([0.5, 0.5, 0.5, 0.0, 0.3]))
+    assert d["gas"] == pytest.approx(0.8) and d["brake"] == pytest.approx(0.1)
+    # Full gas from rest speeds the car up; the top speed is the fastest frame's.
+    assert 0 < speeds[0] < speeds[3] and d["top_speed"] >= max(speeds)
+    # Read per frame: summarised per frame, the same actions count every decision twice.
+    assert env.summary(action_repeat=1)["steer_flips"] == pytest.approx(1 / 9)
+    env.reset(seed=3)
+    assert env.actions == [] and env.speeds == []  # a new episode starts a new log
+    env.close()

@@ -194,3 +194,17 @@ def test_only_the_random_data_v_warns_that_it_trained_on_evaluation_s_tracks(cap
     assert warning_on_tracks_0_to_99(shipped) == ""
     assert "91 of the 100 tracks scored (seeds 0..99) are tracks that V trained on" in \
         warning_on_tracks_0_to_99(shipped / "random_data")
+
+
+def test_drive_stats_say_how_each_episode_was_driven(tmp_path):
+    out = tmp_path / "d.json"
+    cfg = Config(policy="random", ckpt_dir=str(tmp_path), episodes=3, max_steps=40, workers=2, batch_size=2,
+                 json=str(out), drive_stats=True)
+    result = evaluate.main(cfg)
+    driving = json.loads(out.read_text())["driving"]
+    assert len(driving) == 3 and [d["frames"] for d in driving] == [40, 40, 40]
+    for d in driving:
+        # Uniform random actions: the steering changes sign about every other decision.
+        assert 0.2 < d["steer_flips"] < 0.8 and 0.3 < d["abs_steer"] < 0.7 and d["top_speed"] > 0
+    # The log only watches: the same scores as without it, on the workers.
+    assert evaluate.main(dataclasses.replace(cfg, drive_stats=False, json=None))["scores"] == result["scores"]

@@ -415,3 +415,34 @@ def make_env(fast: bool = True, render_mode: str | None = None,
     of `max_steps`), or its pixel-identical faster twin when `fast`."""
     return gym.make(FAST_ENV_ID if fast else ENV_ID, render_mode=render_mode,
                     max_episode_steps=max_steps)
+
+
+class DrivingLog(gym.Wrapper):
+    """How the car is driven, frame by frame: the action taken and the car's
+    speed, for `evaluate.py --drive-stats`. A bang-bang driver (steering hard
+    one way, then the other, at each decision) shows as many steering sign
+    flips; a timid one as little gas and a low top speed."""
+
+    def reset(self, **kwargs):
+        self.actions, self.speeds = [], []
+        return super().reset(**kwargs)
+
+    def step(self, action):
+        out = super().step(action)
+        vx, vy = self.unwrapped.car.hull.linearVelocity
+        self.actions.append(np.asarray(action, dtype=np.float64))
+        self.speeds.append(math.hypot(vx, vy))  # the game's own speed bar reads this
+        return out
+
+    def summary(self, action_repeat: int = 1) -> dict:
+        """The last episode's driving, per decision (an action held for
+        `action_repeat` frames counts once): the share of decisions whose
+        steering has the other sign than the one before, mean |steer|, mean
+        gas and brake, and the top speed."""
+        actions = np.stack(self.actions)[::action_repeat]  # (decisions, 3)
+        steer, gas, brake = actions.T
+        flips = np.sign(steer[1:]) * np.sign(steer[:-1]) < 0
+        return {"steer_flips": float(flips.mean()) if len(flips) else 0.0,
+                "abs_steer": float(np.abs(steer).mean()), "gas": float(gas.mean()),
+                "brake": float(brake.mean()), "top_speed": float(max(self.speeds)),
+                "frames": len(self.actions)}
