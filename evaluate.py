@@ -235,9 +235,8 @@ def main(cfg: Config) -> dict:
         results[i] = result
         line = f"episode {i + 1:3d}  seed {seeds[i]}  score {result[0]:7.1f}  steps {result[1]}"
         if cfg.drive_stats:
-            driving[i] = d = env.summary(spec.action_repeat)
-            line += (f"  steer flips {d['steer_flips']:.0%}  |steer| {d['abs_steer']:.2f}  gas {d['gas']:.2f}  "
-                     f"brake {d['brake']:.2f}  top speed {d['top_speed']:.0f}")
+            driving[i] = env.summary(spec.action_repeat)
+            line += "  " + DrivingLog.describe(driving[i])
         print(line, flush=True)
 
     in_process = (cfg.workers == 1 and cfg.backend == "local") or cfg.render == "human" or cfg.drive_stats
@@ -286,10 +285,8 @@ def main(cfg: Config) -> dict:
                "steps": sum(results[i][1] for i in range(len(seeds))), "seconds": time.time() - t0}
     if cfg.drive_stats:
         summary["driving"] = [driving[i] for i in range(len(seeds))]
-        means = {key: np.mean([d[key] for d in summary["driving"]]) for key in driving[0]}
-        print(f"driving, mean over the episodes: steer flips {means['steer_flips']:.0%}, |steer| "
-              f"{means['abs_steer']:.2f}, gas {means['gas']:.2f}, brake {means['brake']:.2f}, "
-              f"top speed {means['top_speed']:.0f}")
+        print("driving, mean over the episodes: " + DrivingLog.describe(
+            {key: np.mean([d[key] for d in summary["driving"]]) for key in driving[0]}))
     print(f"{cfg.policy}: {summary['mean']:.1f} +- {summary['std']:.1f}, IQM {iqm:.1f} [{low:.1f}, {high:.1f}] "
           f"over {len(scores)} episodes on CarRacing-v3 (seeds {seeds[0]}..{seeds[-1]})")
     if cfg.json:

@@ -446,3 +446,9 @@ class DrivingLog(gym.Wrapper):
                 "abs_steer": float(np.abs(steer).mean()), "gas": float(gas.mean()),
                 "brake": float(brake.mean()), "top_speed": float(max(self.speeds)),
                 "frames": len(self.actions)}
+
+    @staticmethod
+    def describe(d: dict) -> str:
+        """A `summary` in one line."""
+        return (f"steer flips {d['steer_flips']:.0%}  |steer| {d['abs_steer']:.2f}  gas {d['gas']:.2f}  "
+                f"brake {d['brake']:.2f}  top speed {d['top_speed']:.0f}")
