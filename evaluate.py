@@ -77,6 +77,8 @@ def check_config(cfg: Config) -> None:
         raise fail(f"--render must be none or human, got {cfg.render!r}")
     if cfg.video and Path(cfg.video).suffix.lower() not in (".gif", ".mp4"):
         raise fail(f"--video must end in .gif or .mp4, got {cfg.video}")
+    if cfg.drive_stats and cfg.backend == "ray":  # the log lives in the env, which must be in this process
+        raise fail("--drive-stats runs the episodes in this process; drop --backend ray")
     check_backend(cfg.backend, cfg.ray_address)
 
 
@@ -240,6 +242,8 @@ def main(cfg: Config) -> dict:
         print(line, flush=True)
 
     in_process = (cfg.workers == 1 and cfg.backend == "local") or cfg.render == "human" or cfg.drive_stats
+    if cfg.drive_stats and cfg.workers > 1:
+        print(f"--drive-stats: every episode runs in this process, not on {cfg.workers} workers")
     if in_process or cfg.video:
         # This process drives all episodes (or just the filmed one) itself.
         agent = build_agent(spec, resolve_device(cfg.device))

@@ -80,6 +80,7 @@ def test_controller_trained_on_another_v_is_refused(tmp_path):
     (["--video", "x.avi"], "--video must end in .gif or .mp4"),
     (["--policy", "best"], "--policy must be agent, random or ppo"),
     (["--policy", "ppo"], "ppo_last.zip not found; run train_ppo.py first"),
+    (["--policy", "random", "--drive-stats", "--backend", "ray"], "--drive-stats runs the episodes in this process; drop --backend ray"),
     (["--policy", "random", "--json", "."], r"cannot write --json \. \(\. is a folder\)"),
 ])
 def test_bad_input_gets_one_line_errors(tmp_path, flags, message):
@@ -196,11 +197,12 @@ def test_only_the_random_data_v_warns_that_it_trained_on_evaluation_s_tracks(cap
         warning_on_tracks_0_to_99(shipped / "random_data")
 
 
-def test_drive_stats_say_how_each_episode_was_driven(tmp_path):
+def test_drive_stats_say_how_each_episode_was_driven(tmp_path, capsys):
     out = tmp_path / "d.json"
     cfg = Config(policy="random", ckpt_dir=str(tmp_path), episodes=3, max_steps=40, workers=2, batch_size=2,
                  json=str(out), drive_stats=True)
     result = evaluate.main(cfg)
+    assert "--drive-stats: every episode runs in this process, not on 2 workers" in capsys.readouterr().out
     driving = json.loads(out.read_text())["driving"]
     assert len(driving) == 3 and [d["frames"] for d in driving] == [40, 40, 40]
     for d in driving:
