@@ -6,7 +6,9 @@ scores.json where `evaluate.py --policy ppo --json` wrote it) and CMA-ES's
 controller_metrics.csv files, with the scores.json that evaluate.py wrote
 beside them. Writes OUT.png and OUT.md (also printed).
 
-The curves, all against game frames (the environment's own steps):
+The curves, all against game frames (the environment's own steps), on a log
+scale, so that a PPO run of a million frames and a CMA-ES run of tens of
+millions both show:
 - a PPO arm: each seed's mean return over its last --window training
   episodes, at the frames trained when the last of them ended (agent steps
   times the frame skip); the line is the mean over seeds, the band their
@@ -132,9 +134,11 @@ def plot(ppo: dict[str, list[Path]], cmaes: dict[str, list[Path]], window: int, 
         held = [p for _, _, h in runs for p in h]
         if held:
             ax.plot(*zip(*held), "o", ms=3, color=line.get_color(), label=f"CMA-ES on {name}: held-out score")
-    ax.set_xlabel("game frames (PPO: agent steps x frame skip; CMA-ES: real frames, held-out included)")
+    ax.set_xscale("log")
+    ax.set_xlabel("game frames, log scale (PPO: agent steps x frame skip; CMA-ES: real frames, held-out included)")
     ax.set_ylabel("episode return")
-    ax.set_title(f"CarRacing-v3 training episodes: mean over seeds, band min-max (PPO: last {window} episodes)")
+    ax.set_title(f"CarRacing-v3 training episodes: mean over seeds, band min-max\n"
+                 f"(PPO: its last {window} episodes)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
