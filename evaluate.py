@@ -70,6 +70,12 @@ class Config:
     ray_address: str = ""  # --backend ray: empty joins the Ray running here or starts one, auto joins a running cluster, or HOST:PORT
 
 
+def in_process_flag(cfg: Config) -> str | None:
+    """The flag that makes every episode run in this process, if one does: the window, or the
+    driving log, lives in this process's environment."""
+    return "--render human" if cfg.render == "human" else "--drive-stats" if cfg.drive_stats else None
+
+
 def check_config(cfg: Config) -> None:
     if cfg.policy not in ("agent", "random", "ppo"):
         raise fail(f"--policy must be agent, random or ppo, got {cfg.policy!r}")
@@ -77,8 +83,8 @@ def check_config(cfg: Config) -> None:
         raise fail(f"--render must be none or human, got {cfg.render!r}")
     if cfg.video and Path(cfg.video).suffix.lower() not in (".gif", ".mp4"):
         raise fail(f"--video must end in .gif or .mp4, got {cfg.video}")
-    if cfg.drive_stats and cfg.backend == "ray":  # the log lives in the env, which must be in this process
-        raise fail("--drive-stats runs the episodes in this process; drop --backend ray")
+    if in_process_flag(cfg) and cfg.backend == "ray":
+        raise fail(f"{in_process_flag(cfg)} runs the episodes in this process; drop --backend ray")
     check_backend(cfg.backend, cfg.ray_address)
 
 
@@ -241,9 +247,9 @@ def main(cfg: Config) -> dict:
             line += "  " + DrivingLog.describe(driving[i])
         print(line, flush=True)
 
-    in_process = (cfg.workers == 1 and cfg.backend == "local") or cfg.render == "human" or cfg.drive_stats
-    if cfg.drive_stats and cfg.workers > 1:
-        print(f"--drive-stats: every episode runs in this process, not on {cfg.workers} workers")
+    in_process = (cfg.workers == 1 and cfg.backend == "local") or in_process_flag(cfg) is not None
+    if in_process_flag(cfg) and cfg.workers > 1:
+        print(f"{in_process_flag(cfg)}: every episode runs in this process, not on {cfg.workers} workers")
     if in_process or cfg.video:
         # This process drives all episodes (or just the filmed one) itself.
         agent = build_agent(spec, resolve_device(cfg.device))
