@@ -2,7 +2,8 @@
 episode return against game frames, and the table of final scores.
 
 Reads train_ppo.py's runs (RUNS_DIR/ARM/seedN: episodes.csv, run.json, and
-scores.json where `evaluate.py --policy ppo --json` wrote it) and CMA-ES's
+scores.json and scores_stochastic.json where `evaluate.py --policy ppo
+[--stochastic] --json` wrote them) and CMA-ES's
 controller_metrics.csv files, with the scores.json that evaluate.py wrote
 beside them. Writes OUT.png and OUT.md (also printed).
 
@@ -22,7 +23,8 @@ CMA-ES's of members drawn around its mean.
 
 The table: each policy's score over evaluate.py's tracks (0-99 on the
 official CarRacing-v3), every seed's episodes pooled: mean +- std and the
-interquartile mean with its 95% bootstrap interval.
+interquartile mean with its 95% bootstrap interval. A PPO arm has two rows,
+its mean action and its sampled actions (--stochastic).
 
 usage: python compare_ppo.py --runs-dir checkpoints/ppo --cmaes zh=checkpoints/pretrained/controller_metrics.csv
 """
@@ -43,6 +45,8 @@ from wm.ppo import ARMS, EPISODES_FILE, RUN_FILE
 
 LABELS = {"pixels": "PPO on pixels (CNN)", "z": "PPO on z", "zh": "PPO on [z, h]"}
 FEATURES = {"zh": "[z, h]"}  # train_controller.py's --features, as the table and legend name them
+# How evaluate.py scores a PPO run -> (the row's label after the arm's, its extra flag, the JSON it writes).
+PPO_SCORES = [("mean action", "", "scores.json"), ("sampled actions", " --stochastic", "scores_stochastic.json")]
 
 
 @dataclass
@@ -145,13 +149,13 @@ def plot(ppo: dict[str, list[Path]], cmaes: dict[str, list[Path]], window: int, 
     save_figure(fig, png)
 
 
-def score_row(label: str, score_files: list[Path], frames: list[int], policy: str) -> str:
+def score_row(label: str, score_files: list[Path], frames: list[int], flags: str) -> str:
     """One row of the table: the episodes of every seed pooled; the command
     that scores a seed not scored yet."""
     trained = " / ".join(f"{f:,}" for f in frames)
     missing = [p for p in score_files if not p.is_file()]
     if missing:
-        return (f"| {label} | {len(score_files)} | {trained} | to be run: python evaluate.py --policy {policy} "
+        return (f"| {label} | {len(score_files)} | {trained} | to be run: python evaluate.py {flags} "
                 f"--ckpt-dir {missing[0].parent} --episodes 100 --json {missing[0]} | | |")
     results = [json.loads(p.read_text()) for p in score_files]
     scores = [s for r in results for s in r["scores"]]
@@ -165,13 +169,14 @@ def table(ppo: dict[str, list[Path]], cmaes: dict[str, list[Path]]) -> str:
     lines = ["| policy | seeds | frames trained (each) | score, mean ± std (all episodes) | IQM [95% CI] | per seed |",
              "|---|---|---|---|---|---|"]
     for arm, runs in ppo.items():
-        lines.append(score_row(LABELS[arm], [r / "scores.json" for r in runs],
-                               [json.loads((r / RUN_FILE).read_text())["frames_trained"] for r in runs], "ppo"))
+        frames = [json.loads((r / RUN_FILE).read_text())["frames_trained"] for r in runs]
+        for how, flag, name in PPO_SCORES:
+            lines.append(score_row(f"{LABELS[arm]}, {how}", [r / name for r in runs], frames, "--policy ppo" + flag))
     for features, csvs in cmaes.items():
         frames = [int(float(rows[-1]["frames"])) if rows else 0
                   for rows in (MetricsLog(c, step_key="generation").rows() for c in csvs)]
         lines.append(score_row(f"CMA-ES on {FEATURES.get(features, features)}",
-                               [c.parent / "scores.json" for c in csvs], frames, "agent"))
+                               [c.parent / "scores.json" for c in csvs], frames, "--policy agent"))
     return "\n".join(lines) + "\n"
 
 

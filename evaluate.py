@@ -64,6 +64,7 @@ class Config:
     render: str = "none"  # none, or human: a window to watch the agent drive (runs in this process)
     video: str = None  # record the first episode to this .gif or .mp4
     json: str = None  # write the scores here: scores, mean, std, episodes, seed
+    stochastic: bool = False  # --policy ppo: score the policy's sampled actions, gSDE's noise as in training (the zoo's --stochastic), not its mean action
     drive_stats: bool = False  # also measure how the car is driven (steering sign flips, |steer|, gas, brake, top speed), per episode and in the JSON; runs in this process
     device: str = "auto"  # auto, cpu or cuda, for the episodes run in this process
     backend: str = "local"  # where the workers run: local = processes here, ray = actors on a Ray cluster
@@ -81,6 +82,8 @@ def check_config(cfg: Config) -> None:
         raise fail(f"--policy must be agent, random or ppo, got {cfg.policy!r}")
     if cfg.render not in ("none", "human"):
         raise fail(f"--render must be none or human, got {cfg.render!r}")
+    if cfg.stochastic and cfg.policy != "ppo":
+        raise fail("--stochastic samples a PPO policy's actions; add --policy ppo, or drop it")
     if cfg.video and Path(cfg.video).suffix.lower() not in (".gif", ".mp4"):
         raise fail(f"--video must end in .gif or .mp4, got {cfg.video}")
     if in_process_flag(cfg) and cfg.backend == "ray":
@@ -98,9 +101,11 @@ def agent_spec(cfg: Config) -> tuple[AgentSpec, np.ndarray | None]:
 
         run = read_run(cfg.ckpt_dir)
         spec.ckpt_dir, spec.ppo, spec.action_repeat = str(cfg.ckpt_dir), True, run["frame_skip"]
+        spec.stochastic = cfg.stochastic
         build_agent(spec)  # a run trained on another V or M is refused here, before any worker starts
         print(f"PPO on {run['arm']}, seed {run['seed']}, {run['frames_trained']:,} frames of training, "
-              f"each action held {run['frame_skip']} frames")
+              f"each action held {run['frame_skip']} frames, "
+              + ("its sampled actions (--stochastic)" if cfg.stochastic else "its mean action"))
         return spec, None
     path = Path(cfg.ckpt_dir) / "controller.pt"
     ckpt = load_checkpoint(path, kind="controller")
@@ -291,7 +296,7 @@ def main(cfg: Config) -> dict:
     iqm, (low, high) = interquartile_mean(scores)
     summary = {"scores": scores, "mean": float(np.mean(scores)), "std": float(np.std(scores)),
                "iqm": iqm, "iqm_ci95": [low, high],
-               "episodes": len(scores), "seed": cfg.seed, "policy": cfg.policy,
+               "episodes": len(scores), "seed": cfg.seed, "policy": cfg.policy, "stochastic": cfg.stochastic,
                "steps": sum(results[i][1] for i in range(len(seeds))), "seconds": time.time() - t0}
     if cfg.drive_stats:
         summary["driving"] = [driving[i] for i in range(len(seeds))]

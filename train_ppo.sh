@@ -26,9 +26,14 @@ for arm in pixels z zh; do
 done
 for run in "$out"/*/seed*; do
     [ -f "$run/ppo_last.zip" ] || continue
-    # Once per model: training further writes a newer ppo_last.zip.
+    # Once per model (training further writes a newer ppo_last.zip): its mean
+    # action, then its sampled actions.
     if [ ! "$run/scores.json" -nt "$run/ppo_last.zip" ]; then
         python evaluate.py --policy ppo --ckpt-dir "$run" --episodes 100 --workers "$workers" --json "$run/scores.json"
+    fi
+    if [ ! "$run/scores_stochastic.json" -nt "$run/ppo_last.zip" ]; then
+        python evaluate.py --policy ppo --stochastic --ckpt-dir "$run" --episodes 100 --workers "$workers" \
+            --json "$run/scores_stochastic.json"
     fi
 done
 python compare_ppo.py --runs-dir "$out" --cmaes "${CMAES:-zh=checkpoints/pretrained/controller_metrics.csv}"

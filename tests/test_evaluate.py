@@ -81,6 +81,7 @@ def test_controller_trained_on_another_v_is_refused(tmp_path):
     (["--policy", "best"], "--policy must be agent, random or ppo"),
     (["--policy", "ppo"], "ppo_last.zip not found; run train_ppo.py first"),
     (["--policy", "random", "--drive-stats", "--backend", "ray"], "--drive-stats runs the episodes in this process; drop --backend ray"),
+    (["--policy", "random", "--stochastic"], "--stochastic samples a PPO policy's actions; add --policy ppo"),
     (["--policy", "random", "--render", "human", "--backend", "ray"], "--render human runs the episodes in this process; drop --backend ray"),
     (["--policy", "random", "--json", "."], r"cannot write --json \. \(\. is a folder\)"),
 ])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -193,6 +194,29 @@ def test_evaluate_scores_a_run_on_the_official_env(runs, tmp_path, monkeypatch):
         evaluate.main(evaluate.Config(policy="ppo", ckpt_dir=str(other), episodes=1, workers=1))
 
 
+def test_stochastic_scores_sample_the_trained_noise(runs, tmp_path):
+    from stable_baselines3 import PPO
+
+    from wm.ppo import PPOAgent
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs[0] / "z" / "seed0", run_dir)
+    model = PPO.load(run_dir / MODEL_FILE)
+    with torch.no_grad():
+        model.policy.log_std.fill_(1.0)  # gSDE's σ = e: far from the e^-2 a model is built with
+    model.save(run_dir / MODEL_FILE)
+    agent = PPOAgent.load(run_dir, sample=True)
+    agent.reset([0, 1])
+    agent.act(np.zeros((2, 96, 96, 3), np.uint8))
+    noise = agent.model.policy.action_dist.exploration_matrices
+    assert noise.shape[0] == 2 and noise.std().item() == pytest.approx(np.e, rel=0.1)
+    cfg = evaluate.Config(policy="ppo", ckpt_dir=str(run_dir), episodes=2, max_steps=20, workers=1)
+    sampled = evaluate.main(dataclasses.replace(cfg, stochastic=True))
+    again = evaluate.main(dataclasses.replace(cfg, stochastic=True))
+    assert sampled["stochastic"] and again["scores"] == sampled["scores"]  # seeded by the tracks
+    assert evaluate.main(cfg)["scores"] != sampled["scores"]
+
+
 def test_compare_draws_every_arm_and_pools_the_seeds_scores(runs, tmp_path):
     out = tmp_path / "ppo"
     shutil.copytree(runs[0], out)
@@ -203,9 +227,11 @@ def test_compare_draws_every_arm_and_pools_the_seeds_scores(runs, tmp_path):
     csv = ROOT / "checkpoints" / "pretrained" / "controller_metrics.csv"
     text = compare_ppo.main(compare_ppo.Config(runs_dir=str(out), cmaes=f"zh={csv}", out=str(tmp_path / "c")))
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[2:]}
-    assert set(rows) == {"PPO on pixels (CNN)", "PPO on z", "PPO on [z, h]", "CMA-ES on [z, h]"}
-    assert "to be run" in rows["PPO on pixels (CNN)"]
-    assert "| 2 | 128 / 128 | 30.0 ± 18.7 |" in rows["PPO on z"]  # 4 episodes pooled: the std of 10, 20, 30, 60
+    assert set(rows) == {f"PPO on {arm}, {how}" for arm in ("pixels (CNN)", "z", "[z, h]")
+                         for how in ("mean action", "sampled actions")} | {"CMA-ES on [z, h]"}
+    assert "to be run: python evaluate.py --policy ppo --ckpt-dir" in rows["PPO on pixels (CNN), mean action"]
+    assert "--policy ppo --stochastic --ckpt-dir" in rows["PPO on z, sampled actions"]
+    assert "| 2 | 128 / 128 | 30.0 ± 18.7 |" in rows["PPO on z, mean action"]  # 4 episodes pooled: the std of 10, 20, 30, 60
     shipped = json.loads((csv.parent / "scores.json").read_text())  # the scores.json beside the CSV
     assert f"{shipped['mean']:.1f} ± {shipped['std']:.1f}" in rows["CMA-ES on [z, h]"]
     assert (tmp_path / "c.png").stat().st_size > 10_000 and (tmp_path / "c.md").read_text() == text

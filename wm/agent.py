@@ -206,6 +206,7 @@ class AgentSpec:
     max_steps: int = 1000  # time limit of an episode, in frames (the paper: 1000)
     action_repeat: int = 1  # frames each action is held (the paper: 1); M's rate when C reads h
     ppo: bool = False  # ckpt_dir is a train_ppo.py run folder: its policy, and the V and M it reads
+    stochastic: bool = False  # a PPO policy's sampled actions instead of its mean action
 
 
 def build_agent(spec: AgentSpec, device: torch.device | str = "cpu"):
@@ -215,7 +216,7 @@ def build_agent(spec: AgentSpec, device: torch.device | str = "cpu"):
     if spec.ppo:
         from wm.ppo import PPOAgent  # here: stable-baselines3 only for the baselines
 
-        return PPOAgent.load(spec.ckpt_dir, device)
+        return PPOAgent.load(spec.ckpt_dir, device, sample=spec.stochastic)
     controller = Controller(ControllerConfig(**spec.controller))
     vae, mdnrnn, _ = load_models(spec.ckpt_dir, controller.uses_memory, device)
     return Agent(vae, controller, mdnrnn, device)

@@ -185,30 +185,43 @@ def read_run(run_dir: str | Path) -> dict:
 
 class PPOAgent:
     """A trained PPO policy as `wm.agent.run_episodes` drives it: K frames in,
-    K actions out, through the arm's view; the policy's mean action (SB3's
-    deterministic=True), clipped to the action space."""
+    K actions out, through the arm's view, clipped to the action space. The
+    policy's mean action (SB3's deterministic=True), or with `sample` a draw
+    from the policy as in training: gSDE's noise, one draw per car, redrawn
+    every `sde_sample_freq` steps and whenever a car of the batch finishes,
+    seeded by the batch's first track."""
 
-    def __init__(self, model, view):
-        self.model, self.view = model, view
+    def __init__(self, model, view, sample: bool = False):
+        self.model, self.view, self.sample, self.steps = model, view, sample, 0
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: torch.device | str = "cpu") -> "PPOAgent":
+    def load(cls, run_dir: str | Path, device: torch.device | str = "cpu", sample: bool = False) -> "PPOAgent":
         from stable_baselines3 import PPO
 
         run = read_run(run_dir)
         view, fingerprints = make_view(run["arm"], run["ckpt_dir"], run["frame_stack"])
         check_trained_with(run, Path(run_dir) / MODEL_FILE, fingerprints, "train_ppo.py")
-        return cls(PPO.load(Path(run_dir) / MODEL_FILE, device=device), view)
+        return cls(PPO.load(Path(run_dir) / MODEL_FILE, device=device), view, sample)
 
     def reset(self, seeds: Sequence[int], params: None = None) -> None:
         self.view.reset(len(seeds))
+        if self.sample:
+            torch.manual_seed(seeds[0])
+            self.steps = 0
 
     def act(self, frames: np.ndarray) -> np.ndarray:
         """(K, 96, 96, 3) uint8 frames -> actions (K, 3) float32."""
-        actions, _ = self.model.predict(self.view(frames), deterministic=True)
+        model = self.model
+        # A loaded model's gSDE noise was drawn before its log σ was loaded; draw
+        # it anew, as training does at every rollout and every sde_sample_freq steps.
+        if self.sample and model.use_sde and self.steps % max(model.sde_sample_freq, 1) == 0:
+            model.policy.reset_noise(len(frames))
+        self.steps += 1
+        actions, _ = model.predict(self.view(frames), deterministic=not self.sample)
         actions = actions.astype(np.float32)
         self.view.acted(actions)
         return actions
 
     def keep(self, rows: Sequence[int]) -> None:
         self.view.keep(rows)
+        self.steps = 0  # one noise draw per car still driving
