@@ -214,7 +214,9 @@ class PPOAgent:
         model = self.model
         # A loaded model's gSDE noise was drawn before its log σ was loaded; draw
         # it anew, as training does at every rollout and every sde_sample_freq steps.
-        if self.sample and model.use_sde and self.steps % max(model.sde_sample_freq, 1) == 0:
+        # sde_sample_freq <= 0 (SB3: only at a rollout's start) draws once, at the first step.
+        freq = model.sde_sample_freq
+        if self.sample and model.use_sde and (self.steps == 0 or freq > 0 and self.steps % freq == 0):
             model.policy.reset_noise(len(frames))
         self.steps += 1
         actions, _ = model.predict(self.view(frames), deterministic=not self.sample)
