@@ -86,8 +86,9 @@ def check_config(cfg: Config) -> None:
         raise fail("--stochastic samples a PPO policy's actions; add --policy ppo, or drop it")
     if cfg.video and Path(cfg.video).suffix.lower() not in (".gif", ".mp4"):
         raise fail(f"--video must end in .gif or .mp4, got {cfg.video}")
-    if in_process_flag(cfg) and cfg.backend == "ray":
-        raise fail(f"{in_process_flag(cfg)} runs the episodes in this process; drop --backend ray")
+    forcing = in_process_flag(cfg)
+    if forcing and cfg.backend == "ray":
+        raise fail(f"{forcing} runs the episodes in this process; drop --backend ray")
     check_backend(cfg.backend, cfg.ray_address)
 
 
@@ -252,9 +253,10 @@ def main(cfg: Config) -> dict:
             line += "  " + DrivingLog.describe(driving[i])
         print(line, flush=True)
 
-    in_process = (cfg.workers == 1 and cfg.backend == "local") or in_process_flag(cfg) is not None
-    if in_process_flag(cfg) and cfg.workers > 1:
-        print(f"{in_process_flag(cfg)}: every episode runs in this process, not on {cfg.workers} workers")
+    forcing = in_process_flag(cfg)
+    in_process = (cfg.workers == 1 and cfg.backend == "local") or forcing is not None
+    if forcing and cfg.workers > 1:
+        print(f"{forcing}: every episode runs in this process, not on {cfg.workers} workers")
     if in_process or cfg.video:
         # This process drives all episodes (or just the filmed one) itself.
         agent = build_agent(spec, resolve_device(cfg.device))

@@ -205,7 +205,7 @@ def test_stochastic_scores_sample_the_trained_noise(runs, tmp_path):
     with torch.no_grad():
         model.policy.log_std.fill_(1.0)  # gSDE's σ = e: far from the e^-2 a model is built with
     model.save(run_dir / MODEL_FILE)
-    agent = PPOAgent.load(run_dir, sample=True)
+    agent = PPOAgent.load(run_dir, stochastic=True)
     agent.reset([0, 1])
     agent.act(np.zeros((2, 96, 96, 3), np.uint8))
     noise = agent.model.policy.action_dist.exploration_matrices

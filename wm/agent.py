@@ -216,7 +216,7 @@ def build_agent(spec: AgentSpec, device: torch.device | str = "cpu"):
     if spec.ppo:
         from wm.ppo import PPOAgent  # here: stable-baselines3 only for the baselines
 
-        return PPOAgent.load(spec.ckpt_dir, device, sample=spec.stochastic)
+        return PPOAgent.load(spec.ckpt_dir, device, stochastic=spec.stochastic)
     controller = Controller(ControllerConfig(**spec.controller))
     vae, mdnrnn, _ = load_models(spec.ckpt_dir, controller.uses_memory, device)
     return Agent(vae, controller, mdnrnn, device)

@@ -186,26 +186,26 @@ def read_run(run_dir: str | Path) -> dict:
 class PPOAgent:
     """A trained PPO policy as `wm.agent.run_episodes` drives it: K frames in,
     K actions out, through the arm's view, clipped to the action space. The
-    policy's mean action (SB3's deterministic=True), or with `sample` a draw
+    policy's mean action (SB3's deterministic=True), or with `stochastic` a draw
     from the policy as in training: gSDE's noise, one draw per car, redrawn
     every `sde_sample_freq` steps and whenever a car of the batch finishes,
     seeded by the batch's first track."""
 
-    def __init__(self, model, view, sample: bool = False):
-        self.model, self.view, self.sample, self.steps = model, view, sample, 0
+    def __init__(self, model, view, stochastic: bool = False):
+        self.model, self.view, self.stochastic, self.steps = model, view, stochastic, 0
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: torch.device | str = "cpu", sample: bool = False) -> "PPOAgent":
+    def load(cls, run_dir: str | Path, device: torch.device | str = "cpu", stochastic: bool = False) -> "PPOAgent":
         from stable_baselines3 import PPO
 
         run = read_run(run_dir)
         view, fingerprints = make_view(run["arm"], run["ckpt_dir"], run["frame_stack"])
         check_trained_with(run, Path(run_dir) / MODEL_FILE, fingerprints, "train_ppo.py")
-        return cls(PPO.load(Path(run_dir) / MODEL_FILE, device=device), view, sample)
+        return cls(PPO.load(Path(run_dir) / MODEL_FILE, device=device), view, stochastic)
 
     def reset(self, seeds: Sequence[int], params: None = None) -> None:
         self.view.reset(len(seeds))
-        if self.sample:
+        if self.stochastic:
             torch.manual_seed(seeds[0])
             self.steps = 0
 
@@ -216,10 +216,10 @@ class PPOAgent:
         # it anew, as training does at every rollout and every sde_sample_freq steps.
         # sde_sample_freq <= 0 (SB3: only at a rollout's start) draws once, at the first step.
         freq = model.sde_sample_freq
-        if self.sample and model.use_sde and (self.steps == 0 or freq > 0 and self.steps % freq == 0):
+        if self.stochastic and model.use_sde and (self.steps == 0 or freq > 0 and self.steps % freq == 0):
             model.policy.reset_noise(len(frames))
         self.steps += 1
-        actions, _ = model.predict(self.view(frames), deterministic=not self.sample)
+        actions, _ = model.predict(self.view(frames), deterministic=not self.stochastic)
         actions = actions.astype(np.float32)
         self.view.acted(actions)
         return actions
