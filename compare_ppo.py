@@ -24,7 +24,8 @@ CMA-ES's of members drawn around its mean.
 The table: each policy's score over evaluate.py's tracks (0-99 on the
 official CarRacing-v3), every seed's episodes pooled: mean +- std and the
 interquartile mean with its 95% bootstrap interval. A PPO arm has two rows,
-its mean action and its sampled actions (--stochastic).
+its mean action and its sampled actions (--stochastic). --at FRAMES,...
+also prints each PPO arm's curve at those frames, as numbers.
 
 usage: python compare_ppo.py --runs-dir checkpoints/ppo --cmaes zh=checkpoints/pretrained/controller_metrics.csv
 """
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluate import interquartile_mean
+from wm.checkpoint import load_checkpoint
 from wm.cli import fail, run_main
 from wm.files import writable_file, write_atomically
 from wm.metrics import MetricsLog, save_figure
@@ -55,6 +57,7 @@ class Config:
     cmaes: str = "zh=checkpoints/pretrained/controller_metrics.csv"  # CMA-ES runs: FEATURES=CSV,...; two of one FEATURES are 2 seeds
     window: int = 20  # training episodes in each point of a PPO curve (SB3's ep_rew_mean: 100)
     out: str = "checkpoints/ppo/comparison"  # writes OUT.png (the curves) and OUT.md (the table)
+    at: str = ""  # frames, e.g. 100000,200000: also print each PPO arm's curve there, the mean over seeds (each seed's)
 
 
 def ppo_runs(runs_dir: Path) -> dict[str, list[Path]]:
@@ -165,6 +168,19 @@ def score_row(label: str, score_files: list[Path], frames: list[int], flags: str
             f"{iqm:.1f} [{low:.1f}, {high:.1f}] | {per_seed} |")
 
 
+def scored_frames(csv: Path) -> int:
+    """The real frames a CMA-ES run had used when it saved the C that
+    evaluate.py scores (controller.pt beside the CSV: the best held-out score,
+    not always the last generation); the last generation's without one."""
+    rows = MetricsLog(csv, step_key="generation").rows()
+    if not rows:
+        return 0
+    ckpt = csv.parent / "controller.pt"
+    generation = load_checkpoint(ckpt, "controller").get("generation") if ckpt.is_file() else None
+    row = next((r for r in rows if int(float(r["generation"])) == generation), rows[-1])
+    return int(float(row["frames"]))
+
+
 def table(ppo: dict[str, list[Path]], cmaes: dict[str, list[Path]]) -> str:
     lines = ["| policy | seeds | frames trained (each) | score, mean ± std (all episodes) | IQM [95% CI] | per seed |",
              "|---|---|---|---|---|---|"]
@@ -173,14 +189,32 @@ def table(ppo: dict[str, list[Path]], cmaes: dict[str, list[Path]]) -> str:
         for how, flag, name in PPO_SCORES:
             lines.append(score_row(f"{LABELS[arm]}, {how}", [r / name for r in runs], frames, "--policy ppo" + flag))
     for features, csvs in cmaes.items():
-        frames = [int(float(rows[-1]["frames"])) if rows else 0
-                  for rows in (MetricsLog(c, step_key="generation").rows() for c in csvs)]
+        frames = [scored_frames(c) for c in csvs]
         lines.append(score_row(f"CMA-ES on {FEATURES.get(features, features)}",
                                [c.parent / "scores.json" for c in csvs], frames, "--policy agent"))
     return "\n".join(lines) + "\n"
 
 
+def returns_at(ppo: dict[str, list[Path]], window: int, frames: list[int]) -> str:
+    """Each PPO arm's curve (the mean return of the last `window` training
+    episodes) at the given frames: the mean over seeds, then each seed's;
+    empty where a seed has no episode that early or has not trained that far."""
+    curves = {arm: [ppo_curve(r, window) for r in runs] for arm, runs in ppo.items()}
+    lines = ["| frames | " + " | ".join(LABELS[arm] for arm in curves) + " |", "|---|" + "---|" * len(curves)]
+    for f in frames:
+        cells = []
+        for runs in curves.values():
+            ys = [float(np.interp(f, x, y)) for x, y in runs if len(x) and x[0] <= f <= x[-1]]
+            cells.append(f"{np.mean(ys):.0f} ({', '.join(f'{y:.0f}' for y in ys)})" if len(ys) == len(runs) else "")
+        lines.append(f"| {f:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(cfg: Config) -> str:
+    try:
+        at = [int(s) for s in cfg.at.split(",") if s.strip()]
+    except ValueError:
+        raise fail(f"--at takes frames separated by commas, e.g. 100000,200000, got {cfg.at!r}") from None
     ppo, cmaes = ppo_runs(Path(cfg.runs_dir)), cmaes_runs(cfg.cmaes)
     if not ppo and not cmaes:
         raise fail(f"no runs with training episodes in {cfg.runs_dir}; run train_ppo.py first")
@@ -191,6 +225,9 @@ def main(cfg: Config) -> str:
     text = table(ppo, cmaes)
     write_atomically(out.with_suffix(".md"), lambda tmp: tmp.write_text(text))
     print(text + f"\ncurves: {out.with_suffix('.png')}, table: {out.with_suffix('.md')}")
+    if at:
+        print(f"\ntraining return (last {cfg.window} episodes) at these frames, mean over seeds (each seed):\n"
+              + returns_at(ppo, cfg.window, at))
     return text
 
 

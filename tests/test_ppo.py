@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv as csv_module
 import dataclasses
 import json
 import shutil
@@ -233,8 +234,22 @@ def test_compare_draws_every_arm_and_pools_the_seeds_scores(runs, tmp_path):
     assert "--policy ppo --stochastic --ckpt-dir" in rows["PPO on z, sampled actions"]
     assert "| 2 | 128 / 128 | 30.0 ± 18.7 |" in rows["PPO on z, mean action"]  # 4 episodes pooled: the std of 10, 20, 30, 60
     shipped = json.loads((csv.parent / "scores.json").read_text())  # the scores.json beside the CSV
-    assert f"{shipped['mean']:.1f} ± {shipped['std']:.1f}" in rows["CMA-ES on [z, h]"]
+    generation = torch.load(csv.parent / "controller.pt", weights_only=True)["generation"]  # the C it scored
+    frames = next(int(r["frames"]) for r in csv_module.DictReader(csv.open()) if int(r["generation"]) == generation)
+    assert f"| 1 | {frames:,} | {shipped['mean']:.1f} ± {shipped['std']:.1f} |" in rows["CMA-ES on [z, h]"]
     assert (tmp_path / "c.png").stat().st_size > 10_000 and (tmp_path / "c.md").read_text() == text
+
+
+def test_returns_at_reads_each_seeds_curve_between_its_episodes(tmp_path):
+    for seed, rows in ((0, "10,0,5\n20,10,5\n"), (1, "10,20,5\n20,30,5\n")):
+        run = tmp_path / "z" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "episodes.csv").write_text("frames,return,steps\n" + rows)
+    text = compare_ppo.returns_at({"z": [tmp_path / "z" / "seed0", tmp_path / "z" / "seed1"]}, 1, [15, 20, 30])
+    # by hand: at 15 frames seed 0 is halfway from 0 to 10, seed 1 from 20 to 30; nothing after 20
+    assert text.splitlines()[2:] == ["| 15 | 15 (5, 25) |", "| 20 | 20 (10, 30) |", "| 30 |  |"]
+    r = run_script("compare_ppo.py", "--runs-dir", str(tmp_path), "--at", "1e5")
+    assert error_line(r) == "error: --at takes frames separated by commas, e.g. 100000,200000, got '1e5'"
 
 
 def test_curves_average_seeds_where_all_have_data():
