@@ -92,11 +92,12 @@ def test_the_readme_s_results_table_matches_the_committed_scores():
     assert in_table == cells, f"scores in the table that no committed JSON holds: {in_table - cells}"
 
 
-def test_the_ppo_results_table_holds_the_committed_comparison():
-    """docs/ppo.md's results table holds every row compare_ppo.py wrote to
-    checkpoints/ppo/comparison.md, as it wrote them, so the two cannot drift."""
+@pytest.mark.parametrize("doc", ["README.md", "docs/ppo.md"])
+def test_the_ppo_results_table_holds_the_committed_comparison(doc):
+    """The README's and docs/ppo.md's PPO tables hold every row compare_ppo.py
+    wrote to checkpoints/ppo/comparison.md, as it wrote them, so they cannot drift."""
     rows = (ROOT / "checkpoints/ppo/comparison.md").read_text().splitlines()
-    doc = (ROOT / "docs/ppo.md").read_text().splitlines()
+    lines = (ROOT / doc).read_text().splitlines()
     assert len(rows) > 2, "comparison.md holds no table; run compare_ppo.py"
-    missing = [row for row in rows if row not in doc]
-    assert not missing, f"docs/ppo.md lacks rows of checkpoints/ppo/comparison.md: {missing}"
+    missing = [row for row in rows if row not in lines]
+    assert not missing, f"{doc} lacks rows of checkpoints/ppo/comparison.md: {missing}"
