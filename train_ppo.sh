@@ -22,20 +22,22 @@ frames=${2:-1000000}
 workers=${WORKERS:-$(nproc)}
 out=checkpoints/ppo
 
+# score JSON MODEL FLAGS...: evaluate.py over 100 episodes, once per model
+# (training further writes a newer MODEL, which is scored again).
+score() {
+    local json=$1 model=$2
+    shift 2
+    [ "$json" -nt "$model" ] || python evaluate.py "$@" --episodes 100 --workers "$workers" --json "$json"
+}
+
 for arm in pixels z zh; do
     python train_ppo.py --arm "$arm" --ckpt-dir "$ckpt" --frames "$frames" --seeds "${SEEDS:-0,1,2}" --out-dir "$out"
 done
 for run in "$out"/*/seed*; do
     [ -f "$run/ppo_last.zip" ] || continue
-    # Once per model (training further writes a newer ppo_last.zip): its mean
-    # action, then its sampled actions.
-    if [ ! "$run/scores.json" -nt "$run/ppo_last.zip" ]; then
-        python evaluate.py --policy ppo --ckpt-dir "$run" --episodes 100 --workers "$workers" --json "$run/scores.json"
-    fi
-    if [ ! "$run/scores_stochastic.json" -nt "$run/ppo_last.zip" ]; then
-        python evaluate.py --policy ppo --stochastic --ckpt-dir "$run" --episodes 100 --workers "$workers" \
-            --json "$run/scores_stochastic.json"
-    fi
+    # its mean action, then its sampled actions
+    score "$run/scores.json" "$run/ppo_last.zip" --policy ppo --ckpt-dir "$run"
+    score "$run/scores_stochastic.json" "$run/ppo_last.zip" --policy ppo --stochastic --ckpt-dir "$run"
 done
 # CMA-ES on z alone at the runs' frame skip, 30 generations of 32 x 4 tracks (about 3M frames),
 # in its own folder, reading V from CKPT_DIR through a relative link.
@@ -44,7 +46,5 @@ mkdir -p "$cz"
 [ -e "$cz/vae.pt" ] || ln -s "$(realpath --relative-to="$cz" "$ckpt/vae.pt")" "$cz/vae.pt"
 python train_controller.py --ckpt-dir "$cz" --features z --action-repeat 2 --pop-size 32 --rollouts-per-member 4 \
     --patience 200 --eval-every 5 --eval-episodes 48 --generations 30 --workers "$workers"
-if [ ! "$cz/scores.json" -nt "$cz/controller.pt" ]; then
-    python evaluate.py --ckpt-dir "$cz" --episodes 100 --workers "$workers" --json "$cz/scores.json"
-fi
+score "$cz/scores.json" "$cz/controller.pt" --ckpt-dir "$cz"
 python compare_ppo.py --runs-dir "$out" --cmaes "${CMAES:-zh=checkpoints/pretrained/controller_metrics.csv,z=$cz/controller_metrics.csv}"
