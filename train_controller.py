@@ -14,7 +14,9 @@ Reads vae.pt (and mdnrnn.pt for `--features zh`) from --ckpt-dir and writes
 there: controller.pt (best by held-out score), controller_es.pkl (the CMA-ES
 state, rewritten every generation; a rerun resumes from it, --restart starts over,
 --reset-sigma resumes it with a wider step size, another --pop-size goes on
-from its mean and step size with a fresh covariance),
+from its mean and step size with a fresh covariance; --init-from starts a
+fresh search at another controller.pt's weights, such as a C trained in M's
+dream, instead of zeros),
 controller_metrics.csv and controller_reward.png.
 
 --backend ray runs the workers as actors on a Ray cluster instead (see the
@@ -77,6 +79,7 @@ class Config:
     eval_episodes: int = 16  # held-out tracks (the paper: 1024)
     seed: int = 0  # seeds CMA-ES and the choice of training tracks
     restart: bool = False  # ignore controller_es.pkl and start from scratch (else a rerun resumes)
+    init_from: str = ""  # a fresh start's CMA-ES mean: this controller.pt's weights instead of zeros (a warm start, e.g. from a C trained in M's dream)
     mode: str = "real"  # where members are scored: real = CarRacing-v3 (the paper), dream = inside M
     temperature: float = 1.0  # dream: tau of M's sampling; above 1 C cannot exploit M's flaws (the paper's VizDoom: 1.15)
     latent_dir: str = "data/latents"  # dream: episodes start from the first frames of these rollouts
@@ -225,6 +228,24 @@ def resize_population(es: cma.CMAEvolutionStrategy, pop_size: int, seed: int) ->
     return cma.CMAEvolutionStrategy(es.mean, es.sigma, {"popsize": pop_size, "seed": seed, "verbose": -9})
 
 
+def warm_start(path: str, controller: Controller, fingerprints: dict, action_repeat: int) -> np.ndarray:
+    """C's flat weights from the controller.pt at `path`, for a search to
+    start from; it must be a C of this shape, trained with this V, M and k."""
+    if not Path(path).is_file():
+        raise fail(f"--init-from {path}: no such file; give the controller.pt to start from")
+    ckpt = load_checkpoint(path, "controller")
+    if ckpt["model_args"] != asdict(controller.cfg):
+        raise fail(f"--init-from {path} is a C with {ckpt['model_args']}, this run's has "
+                   f"{asdict(controller.cfg)}; give a controller.pt trained with the same --features")
+    check_trained_with(ckpt, path, fingerprints)
+    if ckpt.get("action_repeat", 1) != action_repeat:
+        raise fail(f"--init-from {path} holds each action {ckpt.get('action_repeat', 1)} frames, this run "
+                   f"{action_repeat}; give a controller.pt trained with this mdnrnn.pt")
+    controller.load_state_dict(ckpt["model"])
+    print(f"warm start from {path} (generation {ckpt['generation']}, held-out {ckpt['held_out']:.1f})")
+    return controller.get_flat()
+
+
 def pick_action_repeat(flag: int, mdnrnn) -> int:
     """C acts at M's rate when it reads M's memory or dreams in M (M learned
     every k-th frame), else at --action-repeat (0: 1); a flag that
@@ -265,13 +286,16 @@ def main(cfg: Config) -> dict:
     state = load_es_state(es_path, signature) if not cfg.restart else None
     if state is None:
         # The paper's code starts from zero weights: steer straight, half gas.
-        es = cma.CMAEvolutionStrategy(np.zeros(controller.n_params), cfg.sigma0,
+        x0 = (warm_start(cfg.init_from, controller, fingerprints, action_repeat) if cfg.init_from
+              else np.zeros(controller.n_params))
+        es = cma.CMAEvolutionStrategy(x0, cfg.sigma0,
                                       {"popsize": cfg.pop_size, "seed": cfg.seed + 1,  # cma reads 0 as "time"
                                        "verbose": -9})
         state = {"es": es, "generation": 0, "best_held_out": -np.inf,
                  "signature": signature, "np_random": np.random.get_state()}
     else:
-        print(f"resuming from {es_path} at generation {state['generation']}")
+        warm = f" (--init-from applies to a fresh start only)" if cfg.init_from else ""
+        print(f"resuming from {es_path} at generation {state['generation']}{warm}")
     es = state["es"]
     # Once per value, so that rerunning the same command after an interruption
     # resumes the widened search instead of widening it again.

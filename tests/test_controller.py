@@ -466,6 +466,56 @@ def test_reset_sigma_widens_a_resumed_search_once(tmp_path, monkeypatch):
     assert asked[4][0] == 0.5
 
 
+def test_init_from_starts_a_fresh_search_at_that_c_s_weights(tmp_path, monkeypatch, capsys):
+    """--init-from (a warm start, e.g. from a C trained in M's dream) puts a
+    fresh search's mean at that controller.pt's weights; a resume goes on from
+    its own state; a C of another shape, V, M or k is refused in one line."""
+    import shutil
+
+    from conftest import write_tiny_controller
+
+    write_tiny_world_model(tmp_path, latent_size=2, hidden_size=2)
+    warm = tmp_path / "dream"
+    warm.mkdir()
+    for name in ("vae.pt", "mdnrnn.pt"):
+        shutil.copy(tmp_path / name, warm / name)
+    warm_c = write_tiny_controller(warm, seed=3)
+    x0 = Controller.from_checkpoint(load_checkpoint(warm_c, "controller")).get_flat()
+    assert np.abs(x0).max() > 0
+    asked = []  # the mean each generation's members were drawn around
+    ask = cma.CMAEvolutionStrategy.ask
+    monkeypatch.setattr(cma.CMAEvolutionStrategy, "ask",
+                        lambda es, *a, **k: asked.append(es.mean.copy()) or ask(es, *a, **k))
+    monkeypatch.setattr(train_controller, "RealFitness",
+                        lambda *args: lambda xs, seeds: (np.array([-np.sum((x - 1) ** 2) for x in xs]), 0))
+
+    def run(generations, path=warm_c, **flags):
+        return train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=8, generations=generations,
+                                            rollouts_per_member=1, max_steps=5, workers=1, eval_episodes=1,
+                                            init_from=str(path), **flags))
+
+    first = run(1)["es"]
+    np.testing.assert_array_equal(asked[0], x0)
+    assert "warm start from" in capsys.readouterr().out
+    run(2)
+    np.testing.assert_array_equal(asked[1], first.mean)  # resumed, not warm-started again
+    assert "--init-from applies to a fresh start only" in capsys.readouterr().out
+
+    write_tiny_controller(warm, seed=3, action_repeat=2)
+    with pytest.raises(UsageError, match="holds each action 2 frames, this run 1"):
+        run(1, restart=True)
+    write_tiny_controller(warm, features="z")
+    with pytest.raises(UsageError, match="is a C with .*the same --features"):
+        run(1, restart=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    write_tiny_world_model(other, latent_size=2, hidden_size=2, seed=1)
+    with pytest.raises(UsageError, match="was trained with another vae.pt"):
+        run(1, path=write_tiny_controller(other), restart=True)
+    with pytest.raises(UsageError, match="--init-from .*none.pt: no such file"):
+        run(1, path=tmp_path / "none.pt", restart=True)
+
+
 def test_another_pop_size_on_a_resume_goes_on_from_the_mean_and_step_size(tmp_path, monkeypatch, capsys):
     """A resume with another --pop-size keeps where the search stands (its
     mean and step size) and asks for the new number of members; the next
