@@ -284,6 +284,12 @@ def main(cfg: Config) -> dict:
     if cfg.mode == "dream":
         signature.update(mode="dream", dream_mdnrnn_fingerprint=world.mdnrnn_fingerprint)
     state = load_es_state(es_path, signature) if not cfg.restart else None
+    if state is None and not cfg.restart and (ckpt_dir / "controller.pt").is_file():
+        # A finished run committed without its CMA-ES state (the dream's, the
+        # lever runs'): starting afresh would replace its controller.pt.
+        raise fail(f"{ckpt_dir / 'controller.pt'} is there but {es_path.name} is not, so its run cannot be "
+                   f"resumed; pass --restart to start a new run there (it replaces controller.pt), "
+                   f"or give another --ckpt-dir")
     if state is None:
         # The paper's code starts from zero weights: steer straight, half gas.
         x0 = (warm_start(cfg.init_from, controller, fingerprints, action_repeat) if cfg.init_from

@@ -516,6 +516,19 @@ def test_init_from_starts_a_fresh_search_at_that_c_s_weights(tmp_path, monkeypat
         run(1, path=tmp_path / "none.pt", restart=True)
 
 
+def test_a_controller_pt_without_its_es_state_is_kept_unless_restart(tmp_path):
+    """A finished run committed without controller_es.pkl cannot resume; a
+    plain rerun says so instead of starting over on top of its controller.pt."""
+    from conftest import write_tiny_controller
+
+    write_tiny_world_model(tmp_path, latent_size=2, hidden_size=2)
+    before = write_tiny_controller(tmp_path, seed=5).read_bytes()
+    with pytest.raises(UsageError, match="controller_es.pkl is not, so its run cannot be resumed; pass --restart"):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, generations=1))
+    assert (tmp_path / "controller.pt").read_bytes() == before
+    assert not (tmp_path / "controller_es.pkl").exists()
+
+
 def test_another_pop_size_on_a_resume_goes_on_from_the_mean_and_step_size(tmp_path, monkeypatch, capsys):
     """A resume with another --pop-size keeps where the search stands (its
     mean and step size) and asks for the new number of members; the next
