@@ -300,7 +300,7 @@ def main(cfg: Config) -> dict:
         state = {"es": es, "generation": 0, "best_held_out": -np.inf,
                  "signature": signature, "np_random": np.random.get_state()}
     else:
-        warm = f" (--init-from applies to a fresh start only)" if cfg.init_from else ""
+        warm = " (--init-from applies to a fresh start only)" if cfg.init_from else ""
         print(f"resuming from {es_path} at generation {state['generation']}{warm}")
     es = state["es"]
     # Once per value, so that rerunning the same command after an interruption
