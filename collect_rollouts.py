@@ -40,10 +40,10 @@ from tqdm import tqdm
 from wm.cli import fail, run_main
 from wm.env import COLLECT_SEED, EVAL_SEED, HELD_OUT_SEED, MAX_EPISODE_STEPS, TRAIN_SEED, make_env, step_repeat
 from wm.files import writable_folder
-from wm.frames import preprocess
-from wm.policies import POLICIES
+from wm.frames import VIEWS, preprocess
+from wm.policies import POLICIES, ControllerPolicy
 from wm.pool import WorkerError, check_backend, make_pool
-from wm.rollouts import (action_repeats, is_complete, remove_stale_temporaries, rollout_path,
+from wm.rollouts import (FLAGS, by_setting, is_complete, remove_stale_temporaries, rollout_path,
                          rollout_seed, write_rollout)
 
 
@@ -54,23 +54,29 @@ class Config:
     workers: int = os.cpu_count() or 1  # parallel processes, or Ray actors with --backend ray (default: all cores)
     out_dir: str = "data/rollouts"  # where the .npz files go
     seed: int = COLLECT_SEED  # rollout i drives track seed seed + i; collection's own tracks are 10,000-99,999
-    policy: str = "brownian"  # brownian (smoothed random walk), uniform (independent actions) or pursuit (follows the road at a random speed)
+    policy: str = "brownian"  # brownian (smoothed random walk), uniform (independent actions), pursuit (follows the road at a random speed) or controller (a trained C, with --noise)
+    ckpt_dir: str = ""  # --policy controller: the folder whose controller.pt, vae.pt and mdnrnn.pt drive
+    noise: float = 0.1  # --policy controller: std of the Gaussian noise added to each of C's actions (lucid-dream-racer: 0.1)
     action_repeat: int = 1  # frames each action is held; M and C then work at this rate (the paper: 1)
+    view: str = "road"  # what of the frame is kept (wm/frames.py): road (the paper's crop) or full (with the dashboard); V learns this view
     backend: str = "local"  # where the workers run: local = processes here, ray = actors on a Ray cluster
     ray_address: str = ""  # --backend ray: empty joins the Ray running here or starts one, auto joins a running cluster, or HOST:PORT
 
 
-def collect_one(seed: int, max_steps: int, policy: str, action_repeat: int = 1) -> dict[str, np.ndarray]:
+def collect_one(seed: int, max_steps: int, policy: str, action_repeat: int = 1,
+                view: str = "road", driver=None, noise: float = 0.0) -> dict[str, np.ndarray]:
     """One episode on track `seed`; observation t is the frame seen before
-    action t, which is held for `action_repeat` frames."""
+    action t, which is held for `action_repeat` frames. `driver` is the agent
+    (wm.agent.Agent) of --policy controller."""
     env = make_env(fast=True, max_steps=max_steps)
-    act = POLICIES[policy](np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    act = ControllerPolicy(rng, driver, noise) if policy == "controller" else POLICIES[policy](rng)
     obs, _ = env.reset(seed=seed)
     frames, actions, rewards, terms, truncs = [], [], [], [], []
     done = False
     while not done:
-        a = act(env)
-        frames.append(preprocess(obs))
+        a = act(env, obs)
+        frames.append(preprocess(obs, view))
         obs, r, term, trunc, _ = step_repeat(env, a, action_repeat)
         actions.append(a)
         rewards.append(r)
@@ -87,6 +93,8 @@ def collect_one(seed: int, max_steps: int, policy: str, action_repeat: int = 1) 
     }
     if action_repeat != 1:  # a file of k = 1 stays what it was before the flag existed
         data["action_repeat"] = np.array(action_repeat, dtype=np.int64)
+    if view != "road":  # likewise, a file of the paper's view
+        data["view"] = np.array(view)
     return data
 
 
@@ -95,11 +103,19 @@ class RolloutWriter:
     collects and writes to `out_dir`; it returns the rollout's rows, so that
     results stream back one small number at a time, whatever the rollouts."""
 
-    def __init__(self, out_dir: str, max_steps: int, policy: str, action_repeat: int):
-        self.out_dir, self.max_steps, self.policy, self.action_repeat = out_dir, max_steps, policy, action_repeat
+    def __init__(self, out_dir: str, max_steps: int, policy: str, action_repeat: int, view: str,
+                 ckpt_dir: str, noise: float):
+        self.out_dir, self.max_steps, self.policy = out_dir, max_steps, policy
+        self.action_repeat, self.view, self.noise = action_repeat, view, noise
+        self.driver = None
+        if policy == "controller":  # built once per worker
+            from wm.agent import load_agent
+
+            self.driver = load_agent(ckpt_dir)[0]
 
     def __call__(self, seed: int) -> int:
-        data = collect_one(seed, self.max_steps, self.policy, self.action_repeat)
+        data = collect_one(seed, self.max_steps, self.policy, self.action_repeat, self.view,
+                           self.driver, self.noise)
         write_rollout(rollout_path(self.out_dir, seed), **data)
         return len(data["actions"])
 
@@ -107,22 +123,36 @@ class RolloutWriter:
 def check_config(cfg: Config) -> Path:
     if cfg.action_repeat < 1:
         raise fail(f"--action-repeat must be at least 1, got {cfg.action_repeat}")
-    if cfg.policy not in POLICIES:
-        raise fail(f"--policy must be one of {', '.join(POLICIES)}, got {cfg.policy!r}")
+    if cfg.policy not in (*POLICIES, "controller"):
+        raise fail(f"--policy must be one of {', '.join(POLICIES)}, controller, got {cfg.policy!r}")
+    if cfg.policy == "controller":
+        from wm.agent import load_agent  # here, so that random collection never imports torch
+
+        if not cfg.ckpt_dir:
+            raise fail("--policy controller drives with a trained C: give its folder as --ckpt-dir")
+        k = load_agent(cfg.ckpt_dir)[1]  # a missing or mismatched V, M or C is refused here, once
+        if k != cfg.action_repeat:
+            raise fail(f"{cfg.ckpt_dir}/controller.pt holds each action {k} frames; collect with "
+                       f"--action-repeat {k}")
+    if cfg.view not in VIEWS:
+        raise fail(f"--view must be one of {', '.join(VIEWS)}, got {cfg.view!r}")
     check_backend(cfg.backend, cfg.ray_address)
     return writable_folder(cfg.out_dir, "--out-dir")
 
 
-def check_action_repeat(out: Path, action_repeat: int) -> None:
-    """Refuse a folder that already holds rollouts of another k: reusing them
-    would mix rates, and redoing them would destroy another run's data."""
-    other = {k: files for k, files in action_repeats(sorted(out.glob("rollout_*.npz"))).items()
-             if k != action_repeat}
-    if other:
-        k, files = min(other.items())
-        raise fail(f"{out} holds {len(files)} rollouts collected with --action-repeat {k} (e.g. "
-                   f"{files[0].name}); collect --action-repeat {action_repeat} into another --out-dir, "
-                   f"or delete those files")
+def check_folder_settings(out: Path, cfg: Config) -> None:
+    """Refuse a folder that already holds rollouts of another k or view:
+    reusing them would mix kinds, and redoing them would destroy another
+    run's data."""
+    files = sorted(out.glob("rollout_*.npz"))
+    for key in ("action_repeat", "view"):
+        asked = getattr(cfg, key)
+        other = {v: found for v, found in by_setting(files, key).items() if v != asked}
+        if other:
+            v, found = min(other.items())
+            raise fail(f"{out} holds {len(found)} rollouts collected with {FLAGS[key]} {v} (e.g. "
+                       f"{found[0].name}); collect {FLAGS[key]} {asked} into another --out-dir, "
+                       f"or delete those files")
 
 
 def warn_on_scored_tracks(out: Path, seeds: range) -> None:
@@ -144,7 +174,7 @@ def main(cfg: Config) -> None:
     out = check_config(cfg)
     remove_stale_temporaries(out)
     seeds = range(cfg.seed, cfg.seed + cfg.rollouts)
-    check_action_repeat(out, cfg.action_repeat)
+    check_folder_settings(out, cfg)
     warn_on_scored_tracks(out, seeds)
     todo = [s for s in seeds if not is_complete(rollout_path(out, s))]
     if len(todo) < cfg.rollouts:
@@ -162,7 +192,8 @@ def main(cfg: Config) -> None:
 
     try:
         with (make_pool(cfg.backend, min(cfg.workers, len(todo)), RolloutWriter, str(out), cfg.max_steps,
-                        cfg.policy, cfg.action_repeat, ray_address=cfg.ray_address) as pool,
+                        cfg.policy, cfg.action_repeat, cfg.view, cfg.ckpt_dir, cfg.noise,
+                        ray_address=cfg.ray_address) as pool,
               tqdm(total=len(todo), unit="rollout", desc="collect") as bar):
             pool.map([(s,) for s in todo], on_result=written)
     except WorkerError as e:

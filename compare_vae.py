@@ -72,7 +72,11 @@ def unseen_by_all(vaes: list[tuple[str, dict, ConvVAE]], data_dir: str) -> dict[
             raise fail(f"{path} does not record which rollouts V trained on (it predates that); "
                        f"retrain it with train_vae.py")
         trained |= tracks
-    counts = {p: n for p, n in scan_rollouts(data_dir).items() if track_of(p) not in trained}
+    views = {vae.cfg.view for _, _, vae in vaes}
+    if len(views) > 1:
+        raise fail(f"the Vs see different views ({', '.join(sorted(views))}); compare Vs of one --view, "
+                   f"on frames of that view")
+    counts = {p: n for p, n in scan_rollouts(data_dir, views.pop()).items() if track_of(p) not in trained}
     if not counts:
         raise fail(f"every rollout in {data_dir} is on a track that some V trained on; point --data-dir at "
                    f"rollouts none trained on (a V's held-out ones, or collect_rollouts.py --seed with new tracks)")

@@ -36,7 +36,7 @@ from wm.files import writable_folder
 from wm.frames import to_image
 from wm.latents import check_latent_size, encode_rollouts
 from wm.metrics import MetricsLog, image_grid
-from wm.rollouts import action_repeats, list_rollouts, read_rollout, track_of
+from wm.rollouts import folder_setting, list_rollouts, read_rollout, track_of
 
 
 @dataclass
@@ -162,15 +162,13 @@ def save_strip(vae, model, rollout_path: Path, latents: dict, cfg: Config, devic
     image_grid(rows, png, labels=["real", "V recon", "M one-step", "M dream"])
 
 
-def folder_action_repeat(data_dir: str, files: list[Path]) -> int:
-    """The k every rollout in the folder was collected with (1 when none is readable:
-    encoding then skips them all); one line when they differ, since M has one rate."""
-    found = action_repeats(files)
-    if len(found) > 1:
-        counts = ", ".join(f"{len(f)} with --action-repeat {k}" for k, f in sorted(found.items()))
-        raise fail(f"{data_dir} mixes rollouts of different action repeats ({counts}); M learns one "
-                   f"rate: move one kind to another folder and pass it as --data-dir")
-    return next(iter(found), 1)
+def check_view(data_dir: str, files: list[Path], vae: ConvVAE) -> None:
+    """M learns from V's codes of the rollouts' frames: V must have learned
+    frames of the same view, or its codes mean nothing."""
+    view = folder_setting(data_dir, files, "view", "M")
+    if view != vae.cfg.view:
+        raise fail(f"{data_dir} holds frames of --view {view}, but vae.pt learned --view {vae.cfg.view}; "
+                   f"collect rollouts with collect_rollouts.py --view {vae.cfg.view} for M")
 
 
 def hold_out_like_v(latents: list[tuple[Path, dict]], vae_ckpt: dict,
@@ -207,9 +205,10 @@ def main(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     ckpt_dir = Path(cfg.ckpt_dir)
     rollout_files = list_rollouts(cfg.data_dir)
-    action_repeat = folder_action_repeat(cfg.data_dir, rollout_files)
+    action_repeat = folder_setting(cfg.data_dir, rollout_files, "action_repeat", "M")
     vae_ckpt = load_checkpoint(ckpt_dir / "vae.pt", kind="vae")
     vae = ConvVAE.from_checkpoint(vae_ckpt).to(device)
+    check_view(cfg.data_dir, rollout_files, vae)
     vae_fp = vae_ckpt["fingerprint"]
     writable_folder(cfg.latent_dir, "--latent-dir")
     writable_folder(ckpt_dir, "--ckpt-dir")

@@ -38,9 +38,9 @@ from models.vae import squared_error_by_region, vae_loss
 from wm.checkpoint import resume_training, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.files import writable_folder
-from wm.frames import FRAME_SIZE, recon_weights, road_mask, to_image, to_model_input
+from wm.frames import FRAME_SIZE, VIEWS, recon_weights, road_mask, to_image, to_model_input
 from wm.metrics import MetricsLog, image_grid
-from wm.rollouts import BadRollout, array_headers, list_rollouts, read_rollout
+from wm.rollouts import BadRollout, array_headers, folder_setting, list_rollouts, read_rollout
 
 
 @dataclass
@@ -49,9 +49,11 @@ class Config:
     ckpt_dir: str = "checkpoints"  # where vae.pt, vae_last.pt, the metrics and the pictures go
     epochs: int = 10  # passes over the training frames (paper: 10)
     batch_size: int = 100  # frames per step (paper: 100)
-    lr: float = 1e-4  # Adam learning rate (paper: 0.0001)
+    lr: float = 1e-4  # Adam learning rate, the peak of a schedule (paper: 0.0001)
+    lr_schedule: str = "constant"  # constant (the paper's) or cosine: a linear warm-up over the first 2% of the steps, then a cosine decay to zero at the last epoch
     latent_size: int = 32  # size of z (paper: 32)
     kl_floor: float = 0.5  # free bits: KL floor per latent dimension, in nats (paper: 0.5)
+    view: str = "road"  # what of the frame V sees (wm/frames.py): road (the paper's crop) or full (with the dashboard); the rollouts must be collected with the same --view
     recon_weighting: str = "plain"  # plain: every pixel alike (the paper); road: road, kerbs, edges and the car's surroundings weighted up (wm/frames.py)
     road_weight: float = 10.0  # road weighting: a marked pixel's weight against 1 for grass, before scaling to mean 1 per frame (10: about 4/5 of the loss on about 28 in 100 pixels)
     val_fraction: float = 0.1  # share of rollouts held out for validation (at least one)
@@ -64,11 +66,31 @@ class Config:
 
 
 WEIGHTINGS = ("plain", "road")
+SCHEDULES = ("constant", "cosine")
+WARMUP = 0.02  # share of the steps over which the cosine schedule's rate rises to --lr
+
+
+def lr_at(cfg: Config, progress: float) -> float:
+    """The learning rate at `progress`, the share of all epochs' steps done.
+    A function of where training is, not a scheduler's state: a resumed run
+    follows the schedule of the --epochs and --lr it is given."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if progress < WARMUP:
+        return cfg.lr * (progress + 1e-3) / WARMUP
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - WARMUP) / (1 - WARMUP))))
 
 
 def check_weighting(cfg: Config) -> None:
+    if cfg.lr_schedule not in SCHEDULES:
+        raise fail(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
     if cfg.recon_weighting not in WEIGHTINGS:
         raise fail(f"--recon-weighting must be one of {', '.join(WEIGHTINGS)}, got {cfg.recon_weighting!r}")
+    if cfg.view not in VIEWS:
+        raise fail(f"--view must be one of {', '.join(VIEWS)}, got {cfg.view!r}")
+    if cfg.recon_weighting == "road" and cfg.view != "road":
+        # road_mask's box around the car is where the car sits in the road view.
+        raise fail("--recon-weighting road marks the road view's pixels; use it with --view road")
 
 
 def describe_weighting(config: dict) -> str:
@@ -104,10 +126,16 @@ def frame_count(path: Path) -> int:
     return shape[0]
 
 
-def scan_rollouts(data_dir: str) -> dict[Path, int]:
-    """The readable rollouts of a folder and their frame counts, warning about the others."""
+def scan_rollouts(data_dir: str, view: str) -> dict[Path, int]:
+    """The readable rollouts of a folder and their frame counts, warning about
+    the others; one line when their frames are not of `view`."""
+    files = list_rollouts(data_dir)
+    found = folder_setting(data_dir, files, "view", "V")
+    if found != view:
+        raise fail(f"{data_dir} holds frames of --view {found}, this V asks for --view {view}; pass "
+                   f"--view {found}, or collect rollouts with collect_rollouts.py --view {view}")
     counts = {}
-    for path in list_rollouts(data_dir):
+    for path in files:
         try:
             counts[path] = frame_count(path)
         except BadRollout as e:
@@ -352,14 +380,14 @@ def main(cfg: Config) -> dict:
     ckpt_dir = Path(cfg.ckpt_dir)
     best_path, last_path = ckpt_dir / "vae.pt", ckpt_dir / "vae_last.pt"
 
-    counts = scan_rollouts(cfg.data_dir)
+    counts = scan_rollouts(cfg.data_dir, cfg.view)
     train_files, val_files = split_rollouts(list(counts), cfg.val_fraction, cfg.seed)
     writable_folder(ckpt_dir, "--ckpt-dir")
     n_train = sum(counts[f] for f in train_files)
     n_val = sum(counts[f] for f in val_files)
 
     torch.manual_seed(cfg.seed)
-    model_cfg = VAEConfig(latent_size=cfg.latent_size)
+    model_cfg = VAEConfig(latent_size=cfg.latent_size, view=cfg.view)
     model = ConvVAE(model_cfg).to(device)
     opt = make_optimizer(model, cfg.lr)
     start_epoch, best_val = 0, math.inf
@@ -387,6 +415,9 @@ def main(cfg: Config) -> dict:
         bar = tqdm(total=n_train, desc=f"epoch {epoch}", unit="img", leave=False)
         batches = frame_batches(train_files, cfg.batch_size, cfg.buffer_rollouts, bad, rng)
         for frames, mask in prefetch(with_masks(batches, masks=cfg.recon_weighting != "plain")):
+            lr = lr_at(cfg, ((epoch - 1) * n_train + n) / (cfg.epochs * n_train))
+            for group in opt.param_groups:  # also over the rate a resumed optimizer saved
+                group["lr"] = lr
             try:
                 values = train_step(model, opt, frames, device, dtype, cfg.kl_floor,
                                     loss_weights(mask, cfg, device))
@@ -407,7 +438,7 @@ def main(cfg: Config) -> dict:
         best = val["val_loss"] < best_val
         best_val = min(best_val, val["val_loss"])
         row = {"epoch": epoch, "train_loss": train_loss, "train_recon": train_recon,
-               "train_kl": train_kl, **val, "img_per_s": n / train_s,
+               "train_kl": train_kl, **val, "lr": lr, "img_per_s": n / train_s,
                "seconds": time.perf_counter() - t0}
         # Six significant digits, not four decimals: the per-region errors are ~0.001.
         row = {k: float(f"{float(v):.6g}") if k != "epoch" else v for k, v in row.items()}

@@ -17,6 +17,7 @@ from torch import nn
 @dataclass
 class VAEConfig:
     latent_size: int = 32  # size of z (the paper: 32)
+    view: str = "road"  # what of the game's frame V sees (wm/frames.py): road (the paper's crop) or full (with the dashboard)
 
 
 class ConvVAE(nn.Module):

@@ -18,7 +18,7 @@ from wm.rollouts import rollout_path, write_rollout  # noqa: E402
 
 
 def make_synthetic_rollouts(out_dir: Path, n: int = 3, steps: int = 40, seed: int = 0,
-                            action_repeat: int = 1) -> list[Path]:
+                            action_repeat: int = 1, view: str = "road") -> list[Path]:
     """Rollouts of the real schema with smooth random frames (not the game)."""
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -31,6 +31,8 @@ def make_synthetic_rollouts(out_dir: Path, n: int = 3, steps: int = 40, seed: in
         done[-1] = True
         path = rollout_path(out_dir, seed + i)
         k = {"action_repeat": np.array(action_repeat)} if action_repeat != 1 else {}  # as collected
+        if view != "road":
+            k["view"] = np.array(view)
         write_rollout(path, observations=obs,
                       actions=rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
                       rewards=rng.normal(size=steps).astype(np.float32),
@@ -116,7 +118,7 @@ class FakeClock:
         return timed
 
 
-def write_tiny_vae(ckpt_dir: Path, latent_size: int = 8, seed: int = 0) -> Path:
+def write_tiny_vae(ckpt_dir: Path, latent_size: int = 8, seed: int = 0, view: str = "road") -> Path:
     """An untrained V saved as `ckpt_dir/vae.pt`, in the real checkpoint format."""
     import torch
     from dataclasses import asdict
@@ -125,7 +127,7 @@ def write_tiny_vae(ckpt_dir: Path, latent_size: int = 8, seed: int = 0) -> Path:
     from wm.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
-    cfg = VAEConfig(latent_size=latent_size)
+    cfg = VAEConfig(latent_size=latent_size, view=view)
     path = Path(ckpt_dir) / "vae.pt"
     save_checkpoint(path, {"kind": "vae", "model": ConvVAE(cfg).state_dict(),
                            "model_args": asdict(cfg), "config": {}, "epoch": 0})
@@ -133,7 +135,7 @@ def write_tiny_vae(ckpt_dir: Path, latent_size: int = 8, seed: int = 0) -> Path:
 
 
 def write_tiny_world_model(ckpt_dir: Path, latent_size: int = 8, hidden_size: int = 16,
-                           seed: int = 0, action_repeat: int = 1) -> tuple[Path, Path]:
+                           seed: int = 0, action_repeat: int = 1, view: str = "road") -> tuple[Path, Path]:
     """An untrained, matched (V, M) pair: `ckpt_dir/vae.pt` and `ckpt_dir/mdnrnn.pt`,
     loadable with `wm.latents.load_world_model(ckpt_dir)`."""
     import torch
@@ -142,7 +144,7 @@ def write_tiny_world_model(ckpt_dir: Path, latent_size: int = 8, hidden_size: in
     from models import MDNRNN, MDNRNNConfig
     from wm.checkpoint import load_checkpoint, save_checkpoint
 
-    vae_path = write_tiny_vae(ckpt_dir, latent_size, seed)
+    vae_path = write_tiny_vae(ckpt_dir, latent_size, seed, view)
     torch.manual_seed(seed)
     cfg = MDNRNNConfig(latent_size=latent_size, hidden_size=hidden_size, n_gaussians=2,
                        action_repeat=action_repeat)

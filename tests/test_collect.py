@@ -15,7 +15,7 @@ import pytest
 from collect_rollouts import collect_one
 from tests.conftest import ROOT, default_sigint, pool_workers, run_script, start_script
 from wm.env import COLLECT_SEED
-from wm.rollouts import is_complete, read_action_repeat, read_rollout, rollout_path, write_rollout
+from wm.rollouts import is_complete, read_rollout, read_setting, rollout_path, write_rollout
 
 
 def test_end_to_end_writes_the_schema(tmp_path):
@@ -202,7 +202,7 @@ def test_action_repeat_keeps_one_row_per_held_action_and_records_k(tmp_path):
     path = rollout_path(out, 3)
     d = read_rollout(path)
     assert len(d["observations"]) == len(d["actions"]) == 10  # 30 frames, 3 a row
-    assert read_action_repeat(path) == 3 and d["truncated"][-1] and not d["truncated"][:-1].any()
+    assert read_setting(path, "action_repeat") == 3 and d["truncated"][-1] and not d["truncated"][:-1].any()
     # Row t is the frame seen before action t, which then drives 3 frames.
     from wm.env import make_env, step_repeat
     from wm.frames import preprocess
@@ -216,7 +216,7 @@ def test_action_repeat_keeps_one_row_per_held_action_and_records_k(tmp_path):
     plain = collect_one(3, 5, "brownian")
     assert "action_repeat" not in plain
     write_rollout(tmp_path / "plain.npz", **plain)
-    assert read_action_repeat(tmp_path / "plain.npz") == 1
+    assert read_setting(tmp_path / "plain.npz", "action_repeat") == 1
     # A rerun with another k neither reuses nor overwrites these rollouts.
     mtime = path.stat().st_mtime_ns
     res = run_script(*args)

@@ -78,7 +78,7 @@ class Agent:
     @torch.inference_mode()
     def act(self, frames: np.ndarray) -> np.ndarray:
         """(K, 96, 96, 3) uint8 environment frames -> actions (K, 3) float32."""
-        x = to_model_input(np.stack([preprocess(f) for f in frames]), self.device)  # (K, 3, 64, 64)
+        x = to_model_input(np.stack([preprocess(f, self.vae.cfg.view) for f in frames]), self.device)  # (K, 3, 64, 64)
         z, _ = self.vae.encode(x.contiguous(memory_format=torch.channels_last))  # (K, Z)
         h = self.state[0][:, None] if self.state is not None else None  # (K, 1, H)
         # One C per row; a batched product of 1-row products, so that each
@@ -87,7 +87,8 @@ class Agent:
         self.z, self.predicted = z, self.prediction
         if self.mdnrnn is not None:
             self.prediction, self.state = self.mdnrnn.step(z, action, self.state)
-        return action.float().cpu().numpy()
+        self.action = action.float().cpu().numpy()  # (K, 3), for a caller's on_step
+        return self.action
 
     def keep(self, rows: Sequence[int]) -> None:
         """Go on with only these rows of the batch (the episodes still running)."""
@@ -195,6 +196,17 @@ def check_trained_with(record: dict, path, fingerprints: dict, script: str = "tr
             raise fail(f"{path} was trained with another {name}.pt (fingerprint {record.get(key)}, "
                        f"this one is {fingerprints[key]}); retrain it with {script}, "
                        f"or bring back the {name}.pt it was trained with")
+
+
+def load_agent(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> tuple[Agent, int]:
+    """The agent of a folder's controller.pt, V and M, checked to belong
+    together, with C's trained weights; and the frames it holds each action."""
+    path = Path(ckpt_dir) / "controller.pt"
+    ckpt = load_checkpoint(path, kind="controller")
+    controller = Controller.from_checkpoint(ckpt)
+    vae, mdnrnn, fingerprints = load_models(ckpt_dir, controller.uses_memory, device)
+    check_trained_with(ckpt, path, fingerprints)
+    return Agent(vae, controller, mdnrnn, device), ckpt.get("action_repeat", 1)
 
 
 @dataclass

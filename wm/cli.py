@@ -123,7 +123,7 @@ RANGES = [  # (what the error says, the test, the options)
     ("at least 2 (CMA-ES ranks members against each other)", lambda v: v >= 2, {"pop_size"}),
     ("non-negative", lambda v: v >= 0, {
         "seed", "threads", "patience", "strip_start", "kl_floor", "reward_weight", "done_weight", "max_rollouts",
-        "ent_coef", "vf_coef", "reset_sigma"}),
+        "ent_coef", "vf_coef", "reset_sigma", "noise"}),
     ("positive", lambda v: v > 0, {
         "lr", "grad_clip", "max_grad_norm", "clip_range", "sigma0", "temperature", "dream_temperature",
         "seconds"}),

@@ -214,7 +214,7 @@ def save_dream_strip(vae, mdnrnn: MDNRNN, controller: Controller, png: str | os.
     frames, first_z = [], []
 
     def on_step(frame, agent, score):
-        frames.append(preprocess(frame))
+        frames.append(preprocess(frame, vae.cfg.view))
         if not first_z:
             first_z.append(agent.z)
 

@@ -1,10 +1,13 @@
 """Frame preprocessing, in one place: every stage sees frames through here.
 
 CarRacing gives 96x96x3 uint8 frames whose bottom 12 rows (84-95) are the
-dashboard (speed, ABS, steering, gyro bars). We drop them, because the paper's
-V sees only the road, then resize the 84x96 view to 64x64 (the paper's size).
-Frames stay uint8 on disk; they are scaled to [0, 1] floats only at the
-model's input.
+dashboard (speed, ABS, steering, gyro bars). The view says what V sees:
+"road", the paper's, drops the dashboard and resizes the 84x96 road to 64x64;
+"full" resizes the whole frame, dashboard included, so that V can read the
+car's speed off its bar (at 64x64 the dashboard is rows 56-63). A V records
+its view (VAEConfig.view), a rollout the view of its frames, and every stage
+preprocesses as its V did. Frames stay uint8 on disk; they are scaled to
+[0, 1] floats only at the model's input.
 
 `road_mask` marks the pixels that matter for driving (road, kerbs, the road's
 edges, the car and its neighbourhood), from CarRacing-v3's palette, for V's
@@ -23,6 +26,8 @@ if TYPE_CHECKING:
 
 FRAME_SIZE = 64  # the paper's V input is 64x64x3
 DASHBOARD_ROW = 84  # rows 84..95 of the 96x96 frame are the dashboard
+# The rows of the 96x96 frame each view keeps: the paper's crop, or all of it.
+VIEWS = {"road": DASHBOARD_ROW, "full": 96}
 
 # road_mask's rule, from CarRacing-v3's palette (gymnasium's car_racing.py,
 # without domain_randomize): the grass is the only green thing in the game,
@@ -53,12 +58,15 @@ CAR_ROWS = slice(48, 61)  # rows 48..60
 CAR_COLS = slice(26, 39)  # columns 26..38
 
 
-def preprocess(frame: np.ndarray) -> np.ndarray:
-    """(96, 96, 3) uint8 environment frame -> (64, 64, 3) uint8 model frame."""
+def preprocess(frame: np.ndarray, view: str = "road") -> np.ndarray:
+    """(96, 96, 3) uint8 environment frame -> (64, 64, 3) uint8 model frame,
+    as V of this `view` sees it."""
     if frame.shape != (96, 96, 3) or frame.dtype != np.uint8:
         raise ValueError(f"expected a (96, 96, 3) uint8 CarRacing frame, got {frame.shape} {frame.dtype}")
-    view = Image.fromarray(frame[:DASHBOARD_ROW])
-    return np.array(view.resize((FRAME_SIZE, FRAME_SIZE), Image.BILINEAR))  # writable, for torch
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
+    image = Image.fromarray(frame[:VIEWS[view]])
+    return np.array(image.resize((FRAME_SIZE, FRAME_SIZE), Image.BILINEAR))  # writable, for torch
 
 
 def road_mask(frames: np.ndarray) -> np.ndarray:

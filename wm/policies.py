@@ -1,6 +1,7 @@
-"""Policies for collecting V and M's training data: two random ones, and a
-driver that follows the road. A policy is called with the environment, which
-only the driver reads."""
+"""Policies for collecting V and M's training data: two random ones, a
+driver that follows the road, and a trained C with noise on its actions. A
+policy is called with the environment, which only the scripted driver reads,
+and the frame the agent sees, which only C reads."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ class UniformPolicy:
     def __init__(self, rng: np.random.Generator):
         self.rng = rng
 
-    def __call__(self, env=None) -> np.ndarray:
+    def __call__(self, env=None, frame=None) -> np.ndarray:
         return self.rng.uniform(LOW, HIGH).astype(np.float32)
 
 
@@ -32,7 +33,7 @@ class BrownianPolicy:
         self.scale = np.sqrt(dt)
         self.action = rng.uniform(LOW, HIGH)
 
-    def __call__(self, env=None) -> np.ndarray:
+    def __call__(self, env=None, frame=None) -> np.ndarray:
         out = self.action.astype(np.float32)
         self.action = np.clip(self.action + self.scale * self.rng.standard_normal(3), LOW, HIGH)
         return out
@@ -56,7 +57,7 @@ class PursuitPolicy:
         self.wobble = 0.0
         self.xy = None
 
-    def __call__(self, env) -> np.ndarray:
+    def __call__(self, env, frame=None) -> np.ndarray:
         game = env.unwrapped
         if self.xy is None:
             self.xy = np.array([t[2:4] for t in game.track])
@@ -75,6 +76,22 @@ class PursuitPolicy:
         gas = np.clip((target - speed) / 20, 0, 1)
         brake = np.clip((speed - 1.2 * target) / 40, 0, 0.8)
         return np.array([steer, gas, brake], dtype=np.float32)
+
+
+class ControllerPolicy:
+    """A trained agent (wm.agent.Agent: its V, M and C) driving, with Gaussian
+    noise of std `noise` on each action: the paper's iterative procedure,
+    where M learns from the states a competent driver reaches, and the noise
+    shows it where that driver's mistakes lead (lucid-dream-racer: std 0.1).
+    M's memory follows C's own action, as when C drives alone."""
+
+    def __init__(self, rng: np.random.Generator, agent, noise: float):
+        self.rng, self.agent, self.noise = rng, agent, noise
+        agent.reset([0])
+
+    def __call__(self, env, frame: np.ndarray) -> np.ndarray:
+        action = self.agent.act(frame[None])[0]
+        return np.clip(action + self.noise * self.rng.standard_normal(3), LOW, HIGH).astype(np.float32)
 
 
 POLICIES = {"brownian": BrownianPolicy, "uniform": UniformPolicy, "pursuit": PursuitPolicy}

@@ -86,7 +86,7 @@ class LatentView:
     @torch.inference_mode()
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         """(K, 96, 96, 3) uint8 -> (K, Z) or (K, Z + H) float32."""
-        self.z, _ = self.vae.encode(to_model_input(np.stack([preprocess(f) for f in frames])))  # (K, Z)
+        self.z, _ = self.vae.encode(to_model_input(np.stack([preprocess(f, self.vae.cfg.view) for f in frames])))  # (K, Z)
         obs = self.z if self.state is None else torch.cat([self.z, self.state[0]], dim=-1)
         return obs.numpy()
 

@@ -9,6 +9,9 @@ Schema (T = number of steps):
     action_repeat int64   ()              frames each action was held, k (the reward
                                           sums all k); only when k > 1: a file
                                           without it, old or new, has k = 1
+    view          str     ()              what of the game's frame the frames show
+                                          (wm/frames.py); only when "full": a file
+                                          without it has the paper's "road"
 """
 
 from __future__ import annotations
@@ -85,25 +88,43 @@ def read_rollout(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return data
 
 
-def read_action_repeat(path: str | os.PathLike) -> int:
-    """The k a rollout was collected with (1 for files without it); only that
-    array is decompressed. BadRollout if the file is unreadable."""
+# Settings a rollout records beside its arrays, each only when it is not its
+# default, which a file without it has (files from before the setting existed).
+SETTINGS = {"action_repeat": 1, "view": "road"}
+FLAGS = {"action_repeat": "--action-repeat", "view": "--view"}  # collect_rollouts.py's
+
+
+def read_setting(path: str | os.PathLike, key: str) -> int | str:
+    """The `key` of SETTINGS a rollout was collected with; only that array is
+    decompressed. BadRollout if the file is unreadable."""
     try:
         with np.load(path) as f:
-            return int(f["action_repeat"]) if "action_repeat" in f.files else 1
+            return f[key].item() if key in f.files else SETTINGS[key]
     except NPZ_ERRORS as e:
         raise BadRollout(f"{path}: unreadable rollout ({type(e).__name__}: {e})") from None
 
 
-def action_repeats(files: list[Path]) -> dict[int, list[Path]]:
-    """{k: the readable rollouts of `files` collected with that k}."""
-    found: dict[int, list[Path]] = {}
+def by_setting(files: list[Path], key: str) -> dict[int | str, list[Path]]:
+    """{value: the readable rollouts of `files` collected with that `key`}."""
+    found: dict = {}
     for path in files:
         try:
-            found.setdefault(read_action_repeat(path), []).append(path)
+            found.setdefault(read_setting(path, key), []).append(path)
         except BadRollout:
             pass  # the stages redo or skip unreadable files themselves
     return found
+
+
+def folder_setting(data_dir: str | os.PathLike, files: list[Path], key: str, reader: str) -> int | str:
+    """The `key` every rollout in the folder was collected with (its default
+    when none is readable: the stage then skips them all); one line when they
+    differ, since `reader` learns from one kind."""
+    found = by_setting(files, key)
+    if len(found) > 1:
+        counts = ", ".join(f"{len(f)} with {FLAGS[key]} {v}" for v, f in sorted(found.items()))
+        raise fail(f"{data_dir} mixes rollouts of different {FLAGS[key]} ({counts}); {reader} learns "
+                   f"from one kind: move one kind to another folder and pass it as --data-dir")
+    return next(iter(found), SETTINGS[key])
 
 
 def array_headers(path: str | os.PathLike, keys=KEYS) -> dict[str, tuple[tuple, np.dtype]]:

@@ -1,0 +1,69 @@
+"""tools/probe.py: the game's true state, the ridge probe, and the command end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import error_line, run_script, write_tiny_world_model
+
+from tools import probe
+
+
+def game(position, angle, velocity=(0.0, 0.0), spin=0.0):
+    """A stand-in for CarRacing's unwrapped env: a straight road north along x = 0."""
+    hull = SimpleNamespace(position=position, angle=angle, linearVelocity=velocity, angularVelocity=spin)
+    track = [(0.0, 0.0, 0.0, float(y)) for y in range(0, 100, 5)]
+    return SimpleNamespace(car=SimpleNamespace(hull=hull), track=track)
+
+
+def test_the_true_state_is_read_off_the_car_and_the_road():
+    speed, spin, heading, offset = probe.true_state(game((2.0, 12.0), 0.0, (3.0, 4.0), -0.7))
+    assert speed == pytest.approx(5.0) and spin == pytest.approx(-0.7)
+    assert heading == pytest.approx(0.0)  # facing along the road (car_racing.py: forward is (-sin, cos))
+    assert offset == pytest.approx(-2.0)  # 2 to the road's right (+x, facing +y)
+    _, _, heading, offset = probe.true_state(game((-1.5, 40.0), 0.3))
+    assert heading == pytest.approx(0.3) and offset == pytest.approx(1.5)  # turned left, left of centre
+    assert probe.true_state(game((0.0, 40.0), math.pi - 0.1))[2] == pytest.approx(math.pi - 0.1)
+
+
+def test_the_ridge_probe_against_least_squares():
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(200, 6)) for _ in range(5)]
+    w = rng.normal(size=(6, 4))
+    linear = [x @ w + 3.0 for x in xs]
+    scores = probe.probe(xs, linear, n_test=2)
+    assert all(v > 0.999 for v in scores.values())
+    # An exact fit's predictions match numpy's least squares with an intercept.
+    x, y = np.concatenate(xs), np.concatenate(linear)
+    ones = np.c_[x, np.ones(len(x))]
+    fit = probe.ridge(x, y, 1e-8)
+    assert np.allclose(fit(x), ones @ np.linalg.lstsq(ones, y, rcond=None)[0], atol=1e-4)
+    noise = [rng.normal(size=(200, 4)) for _ in range(5)]
+    assert all(v < 0.05 for v in probe.probe(xs, noise, n_test=2).values())
+
+
+def test_the_probe_command_writes_its_table_and_plot(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    write_tiny_world_model(ckpt, view="full")
+    out, png = tmp_path / "probe.json", tmp_path / "probe.png"
+    r = run_script("-m", "tools.probe", "--ckpt-dirs", str(ckpt), "--episodes", "3", "--test-episodes", "1",
+                   "--max-steps", "40", "--action-repeat", "1", "--json", str(out), "--png", str(png))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["steps"] == 120 and result["action_repeat"] == 1
+    assert set(result["r2"]) == {"frame", str(ckpt)}
+    assert set(result["r2"][str(ckpt)]) == {"z", "zh"}
+    for scores in [result["r2"]["frame"]["dashboard"], *result["r2"][str(ckpt)].values()]:
+        assert set(scores) == set(probe.TARGETS) and all(v <= 1 for v in scores.values())
+    assert png.stat().st_size > 1000 and str(ckpt) in r.stdout
+
+    # An M of another rate than the driver's is refused, in one line.
+    line = error_line(run_script("-m", "tools.probe", "--ckpt-dirs", str(ckpt), "--episodes", "3",
+                                 "--test-episodes", "1", "--max-steps", "20"))
+    assert "--action-repeat 1" in line
+    assert "--test-episodes" in error_line(run_script("-m", "tools.probe", "--episodes", "3",
+                                                      "--test-episodes", "2"))
