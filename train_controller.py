@@ -11,8 +11,9 @@ a fixed set of held-out tracks; controller.pt keeps the best of those. A
 resume with another --eval-episodes first scores controller.pt on the new set.
 
 Reads vae.pt (and mdnrnn.pt for `--features zh`) from --ckpt-dir and writes
-there: controller.pt (best by held-out score), controller_es.pkl (the CMA-ES
-state, rewritten every generation; a rerun resumes from it, --restart starts over,
+there: controller.pt (best by held-out score), controller_es.npz (the CMA-ES
+state in plain arrays, wm/search.py, rewritten every generation; a rerun
+resumes from it, exactly where it stopped, --restart starts over,
 --reset-sigma resumes it with a wider step size, another --pop-size goes on
 from its mean and step size with a fresh covariance; --init-from starts a
 fresh search at another controller.pt's weights, such as a C trained in M's
@@ -41,11 +42,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cma
 import numpy as np
 from tqdm import tqdm
 
@@ -55,9 +56,10 @@ from wm.checkpoint import load_checkpoint, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.dream import make_dream, save_dream_strip
 from wm.env import HELD_OUT_SEED, SEED_LIMIT, TRAIN_SEED  # the track-seed ranges
-from wm.files import writable_folder, write_atomically
+from wm.files import writable_folder
 from wm.metrics import MetricsLog
 from wm.pool import Pool, WorkerError, check_backend, make_pool
+from wm.search import BadState, Search
 
 
 @dataclass
@@ -78,7 +80,7 @@ class Config:
     eval_every: int = 10  # score the CMA-ES mean on held-out tracks every this many generations (the paper: 25)
     eval_episodes: int = 16  # held-out tracks (the paper: 1024)
     seed: int = 0  # seeds CMA-ES and the choice of training tracks
-    restart: bool = False  # ignore controller_es.pkl and start from scratch (else a rerun resumes)
+    restart: bool = False  # ignore controller_es.npz and start from scratch (else a rerun resumes)
     init_from: str = ""  # a fresh start's CMA-ES mean: this controller.pt's weights instead of zeros (a warm start, e.g. from a C trained in M's dream)
     mode: str = "real"  # where members are scored: real = CarRacing-v3 (the paper), dream = inside M
     temperature: float = 1.0  # dream: tau of M's sampling; above 1 C cannot exploit M's flaws (the paper's VizDoom: 1.15)
@@ -186,27 +188,44 @@ def check_config(cfg: Config) -> None:
     check_backend(cfg.backend, cfg.ray_address)
 
 
-def save_es_state(path: Path, state: dict) -> None:
-    """Pickle the CMA-ES state atomically (it is an object, not weights)."""
-    write_atomically(path, lambda tmp: tmp.write_bytes(pickle.dumps(state)))
-
+ES_STATE = "controller_es.npz"  # the search's resume state, plain arrays (wm/search.py)
+PICKLED_ES_STATE = "controller_es.pkl"  # what earlier versions wrote: carried over once
 
 # What a state saved before these keys existed was made with (real mode
-# leaves "mode" out of its signature), so that old files still resume.
+# leaves "mode" out of its signature), so that pickled states still resume.
 SIGNATURE_DEFAULTS = {"mode": "real", "action_repeat": 1}
 
 
-def load_es_state(path: Path, signature: dict) -> dict | None:
-    """The saved CMA-ES state, or None to start afresh; an error if it was
-    made for another C, V, M or action repeat."""
+def carry_over_pickle(old: Path, new: Path) -> None:
+    """Rewrite a pickled CMA-ES state as a plain one, once, and remove it."""
+    print(f"warning: {old} is a pickle from an earlier version of this script, and loading a pickle runs "
+          f"whatever code it holds: load only one you trust. It is read once and rewritten as {new.name}.",
+          file=sys.stderr)
+    try:
+        with open(old, "rb") as f:
+            state = pickle.load(f)
+        es, rng = state.pop("es"), state.pop("np_random")
+    except Exception as e:
+        raise fail(f"{old} is unreadable ({type(e).__name__}: {e}); pass --restart to start over")
+    Search.from_pycma(es, rng).save(new, {**state, "best_held_out": float(state["best_held_out"])})
+    old.unlink()
+
+
+def load_es_state(ckpt_dir: Path, signature: dict) -> tuple[Search, dict] | None:
+    """The saved search and its info, or None to start afresh; an error if
+    it was made for another C, V, M or action repeat."""
+    path, old = ckpt_dir / ES_STATE, ckpt_dir / PICKLED_ES_STATE
+    if not path.is_file() and old.is_file():
+        carry_over_pickle(old, path)
     if not path.is_file():
         return None
     try:
-        with open(path, "rb") as f:
-            state = pickle.load(f)
-    except Exception as e:
-        raise fail(f"{path} is unreadable ({type(e).__name__}: {e}); pass --restart to start over")
-    made, this = {**SIGNATURE_DEFAULTS, **state["signature"]}, {**SIGNATURE_DEFAULTS, **signature}
+        search, info = Search.load(path)
+    except BadState as e:
+        raise fail(f"{e}; pass --restart to start over")
+    if not isinstance(info.get("signature"), dict) or "generation" not in info:
+        raise fail(f"{path} is not a CMA-ES state of train_controller.py; pass --restart to start over")
+    made, this = {**SIGNATURE_DEFAULTS, **info["signature"]}, {**SIGNATURE_DEFAULTS, **signature}
     if made["mode"] != this["mode"]:
         raise fail(f"{path} is from a {made['mode']}-mode run and this one is {this['mode']}-mode; pass "
                    f"--mode {made['mode']} to resume it, or --restart to start over")
@@ -214,18 +233,7 @@ def load_es_state(path: Path, signature: dict) -> dict | None:
         if made.get(key) != value:
             raise fail(f"{path} was made with {key} = {made.get(key)}, this run has "
                        f"{value}; pass --restart to start over, or match its settings")
-    return state
-
-
-def resize_population(es: cma.CMAEvolutionStrategy, pop_size: int, seed: int) -> cma.CMAEvolutionStrategy:
-    """A resumed search with another --pop-size: a new CMA-ES at the old
-    one's mean and step size. Its covariance and evolution paths start
-    afresh; little is lost, since pycma adapts the covariance of C's
-    hundreds of weights at a rate of about 2/n^2 a generation (the shipped
-    run's, after 160 generations of 867 weights: eigenvalues 0.99-1.13)."""
-    print(f"population {es.popsize} -> {pop_size}: CMA-ES goes on from its mean at step size {es.sigma:.4f}, "
-          f"its covariance reset")
-    return cma.CMAEvolutionStrategy(es.mean, es.sigma, {"popsize": pop_size, "seed": seed, "verbose": -9})
+    return search, info
 
 
 def warm_start(path: str, controller: Controller, fingerprints: dict, action_repeat: int) -> np.ndarray:
@@ -277,43 +285,40 @@ def main(cfg: Config) -> dict:
     del vae, mdnrnn  # the workers load their own copies
     writable_folder(ckpt_dir, "--ckpt-dir")
 
-    es_path = ckpt_dir / "controller_es.pkl"
-    # What a resume must match; not the population, which resize_population changes.
+    es_path = ckpt_dir / ES_STATE
+    # What a resume must match; not the population, which Search.resize changes.
     signature = {"features": cfg.features, "n_params": controller.n_params,
                  "action_repeat": action_repeat, **fingerprints}
     if cfg.mode == "dream":
         signature.update(mode="dream", dream_mdnrnn_fingerprint=world.mdnrnn_fingerprint)
-    state = load_es_state(es_path, signature) if not cfg.restart else None
-    if state is None and not cfg.restart and (ckpt_dir / "controller.pt").is_file():
+    loaded = load_es_state(ckpt_dir, signature) if not cfg.restart else None
+    if loaded is None and not cfg.restart and (ckpt_dir / "controller.pt").is_file():
         # A finished run committed without its CMA-ES state (the dream's, the
         # lever runs'): starting afresh would replace its controller.pt.
         raise fail(f"{ckpt_dir / 'controller.pt'} is there but {es_path.name} is not, so its run cannot be "
                    f"resumed; pass --restart to start a new run there (it replaces controller.pt), "
                    f"or give another --ckpt-dir")
-    if state is None:
+    if loaded is None:
         # The paper's code starts from zero weights: steer straight, half gas.
         x0 = (warm_start(cfg.init_from, controller, fingerprints, action_repeat) if cfg.init_from
               else np.zeros(controller.n_params))
-        es = cma.CMAEvolutionStrategy(x0, cfg.sigma0,
-                                      {"popsize": cfg.pop_size, "seed": cfg.seed + 1,  # cma reads 0 as "time"
-                                       "verbose": -9})
-        state = {"es": es, "generation": 0, "best_held_out": -np.inf,
-                 "signature": signature, "np_random": np.random.get_state()}
+        search = Search.start(x0, cfg.sigma0, cfg.pop_size, cfg.seed + 1)  # cma reads seed 0 as "time"
+        state = {"generation": 0, "best_held_out": -np.inf, "signature": signature}
     else:
+        search, state = loaded
         warm = " (--init-from applies to a fresh start only)" if cfg.init_from else ""
         print(f"resuming from {es_path} at generation {state['generation']}{warm}")
-    es = state["es"]
     # Once per value, so that rerunning the same command after an interruption
     # resumes the widened search instead of widening it again.
     if cfg.reset_sigma and state["generation"] and state.get("reset_sigma") != cfg.reset_sigma:
-        print(f"step size {es.sigma:.4f} -> {cfg.reset_sigma} (--reset-sigma)")
-        es.sigma = cfg.reset_sigma
+        print(f"step size {search.es.sigma:.4f} -> {cfg.reset_sigma} (--reset-sigma)")
+        search.set_sigma(cfg.reset_sigma)
         state["reset_sigma"] = cfg.reset_sigma
-    if state["generation"] and es.popsize != cfg.pop_size:
-        es = state["es"] = resize_population(es, cfg.pop_size, cfg.seed + 1 + state["generation"])
-    # cma draws from numpy's global generator; restoring it makes a resumed run
-    # propose what the uninterrupted one would have.
-    np.random.set_state(state["np_random"])
+    if state["generation"] and search.es.popsize != cfg.pop_size:
+        print(f"population {search.es.popsize} -> {cfg.pop_size}: CMA-ES goes on from its mean at step size "
+              f"{search.es.sigma:.4f}, its covariance reset")
+        search.resize(cfg.pop_size, cfg.seed + 1 + state["generation"])
+    es = state["es"] = search.es  # for a caller in this process: pycma's mean, sigma and result
     start = state["generation"]
     metrics = MetricsLog(ckpt_dir / "controller_metrics.csv", step_key="generation")
     metrics.truncate_after(start)
@@ -337,10 +342,10 @@ def main(cfg: Config) -> dict:
             state["eval_episodes"] = cfg.eval_episodes
             for gen in range(start, cfg.generations):
                 t0 = time.time()
-                solutions = es.ask()
+                solutions = search.ask()
                 rewards, steps = fitness(solutions, train_seeds(cfg.seed, gen, cfg.rollouts_per_member))
                 # cma minimises
-                es.tell(solutions, (race_ranking(rewards, fitness.survivors) if cfg.race else -rewards).tolist())
+                search.tell(solutions, race_ranking(rewards, fitness.survivors) if cfg.race else -rewards)
                 row = {"generation": gen + 1, "mean": rewards.mean(), "best": rewards.max(),
                        "worst": rewards.min(), "sigma": es.sigma,
                        "steps_per_s": steps / (time.time() - t0)}
@@ -366,8 +371,8 @@ def main(cfg: Config) -> dict:
                 row["seconds"] = time.time() - t0
                 state["frames"] = state.get("frames", 0) + frames  # held-out frames included
                 row["frames"] = state["frames"]
-                state.update(generation=gen + 1, np_random=np.random.get_state())
-                save_es_state(es_path, state)
+                state["generation"] = gen + 1
+                search.save(es_path, {k: v for k, v in state.items() if k != "es"})
                 metrics.append(row)
                 metrics.plot(ckpt_dir / "controller_reward.png", ["mean", "best", "held_out"],
                              title=f"CMA-ES {'in M' if cfg.mode == 'dream' else 'on CarRacing-v3'} "

@@ -44,7 +44,10 @@ done
 cz=$out/cmaes_z
 mkdir -p "$cz"
 [ -e "$cz/vae.pt" ] || ln -s "$(realpath --relative-to="$cz" "$ckpt/vae.pt")" "$cz/vae.pt"
-python train_controller.py --ckpt-dir "$cz" --features z --action-repeat 2 --pop-size 32 --rollouts-per-member 4 \
-    --patience 200 --eval-every 5 --eval-episodes 48 --generations 30 --workers "$workers"
+# A finished run is kept without its CMA-ES state: its controller.pt alone means done.
+if [ ! -f "$cz/controller.pt" ] || [ -f "$cz/controller_es.npz" ]; then
+    python train_controller.py --ckpt-dir "$cz" --features z --action-repeat 2 --pop-size 32 --rollouts-per-member 4 \
+        --patience 200 --eval-every 5 --eval-episodes 48 --generations 30 --workers "$workers"
+fi
 score "$cz/scores.json" "$cz/controller.pt" --ckpt-dir "$cz"
 python compare_ppo.py --runs-dir "$out" --cmaes "${CMAES:-zh=checkpoints/pretrained/controller_metrics.csv,z=$cz/controller_metrics.csv}"

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import time
 from types import SimpleNamespace
 
-import cma
 import numpy as np
 import pytest
 import torch
@@ -20,6 +18,7 @@ from wm.checkpoint import load_checkpoint
 from wm.cli import UsageError, parse_config
 from wm.env import make_env
 from wm.pool import WorkerError, WorkerPool
+from wm.search import Search
 
 import train_controller
 from train_controller import Config
@@ -351,7 +350,7 @@ def test_one_generation_then_resume(tmp_path):
     assert ckpt["generation"] == 1 and ckpt["model_args"]["features"] == "zh"
     assert Controller.from_checkpoint(ckpt).n_params == (8 + 16) * 3 + 3
     assert (tmp_path / "controller_reward.png").stat().st_size > 0
-    assert (tmp_path / "controller_es.pkl").is_file()
+    assert (tmp_path / "controller_es.npz").is_file()
 
     # A rerun with more generations picks up at generation 2, in process this time.
     state = train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, rollouts_per_member=1,
@@ -444,9 +443,8 @@ def test_reset_sigma_widens_a_resumed_search_once(tmp_path, monkeypatch):
     search's own step size instead of widening it again."""
     write_tiny_world_model(tmp_path, latent_size=2, hidden_size=2)
     asked = []  # (step size, mean) that each generation's members were drawn with
-    ask = cma.CMAEvolutionStrategy.ask
-    monkeypatch.setattr(cma.CMAEvolutionStrategy, "ask",
-                        lambda es, *a, **k: asked.append((es.sigma, es.mean.copy())) or ask(es, *a, **k))
+    ask = Search.ask  # a resume's replay of the generations before does not go through it
+    monkeypatch.setattr(Search, "ask", lambda s: asked.append((s.es.sigma, s.es.mean.copy())) or ask(s))
     monkeypatch.setattr(train_controller, "RealFitness",
                         lambda *args: lambda xs, seeds: (np.array([-np.sum((x - 1) ** 2) for x in xs]), 0))
 
@@ -483,9 +481,8 @@ def test_init_from_starts_a_fresh_search_at_that_c_s_weights(tmp_path, monkeypat
     x0 = Controller.from_checkpoint(load_checkpoint(warm_c, "controller")).get_flat()
     assert np.abs(x0).max() > 0
     asked = []  # the mean each generation's members were drawn around
-    ask = cma.CMAEvolutionStrategy.ask
-    monkeypatch.setattr(cma.CMAEvolutionStrategy, "ask",
-                        lambda es, *a, **k: asked.append(es.mean.copy()) or ask(es, *a, **k))
+    ask = Search.ask  # a resume's replay of the generations before does not go through it
+    monkeypatch.setattr(Search, "ask", lambda s: asked.append(s.es.mean.copy()) or ask(s))
     monkeypatch.setattr(train_controller, "RealFitness",
                         lambda *args: lambda xs, seeds: (np.array([-np.sum((x - 1) ** 2) for x in xs]), 0))
 
@@ -517,16 +514,16 @@ def test_init_from_starts_a_fresh_search_at_that_c_s_weights(tmp_path, monkeypat
 
 
 def test_a_controller_pt_without_its_es_state_is_kept_unless_restart(tmp_path):
-    """A finished run committed without controller_es.pkl cannot resume; a
+    """A finished run committed without controller_es.npz cannot resume; a
     plain rerun says so instead of starting over on top of its controller.pt."""
     from conftest import write_tiny_controller
 
     write_tiny_world_model(tmp_path, latent_size=2, hidden_size=2)
     before = write_tiny_controller(tmp_path, seed=5).read_bytes()
-    with pytest.raises(UsageError, match="controller_es.pkl is not, so its run cannot be resumed; pass --restart"):
+    with pytest.raises(UsageError, match="controller_es.npz is not, so its run cannot be resumed; pass --restart"):
         train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4, generations=1))
     assert (tmp_path / "controller.pt").read_bytes() == before
-    assert not (tmp_path / "controller_es.pkl").exists()
+    assert not (tmp_path / "controller_es.npz").exists()
 
 
 def test_another_pop_size_on_a_resume_goes_on_from_the_mean_and_step_size(tmp_path, monkeypatch, capsys):
@@ -535,14 +532,14 @@ def test_another_pop_size_on_a_resume_goes_on_from_the_mean_and_step_size(tmp_pa
     resume at that size goes on without starting again."""
     write_tiny_world_model(tmp_path, latent_size=2, hidden_size=2)
     asked = []  # (members, step size, mean) of each generation
-    ask = cma.CMAEvolutionStrategy.ask
+    ask = Search.ask  # a resume's replay of the generations before does not go through it
 
-    def record(es, *a, **k):
-        xs = ask(es, *a, **k)
-        asked.append((len(xs), es.sigma, es.mean.copy()))
+    def record(search):
+        xs = ask(search)
+        asked.append((len(xs), search.es.sigma, search.es.mean.copy()))
         return xs
 
-    monkeypatch.setattr(cma.CMAEvolutionStrategy, "ask", record)
+    monkeypatch.setattr(Search, "ask", record)
     monkeypatch.setattr(train_controller, "RealFitness",
                         lambda *args: lambda xs, seeds: (np.array([-np.sum((x - 1) ** 2) for x in xs]), 0))
 
@@ -657,8 +654,9 @@ def test_bad_flags_get_one_line_errors(tmp_path, flags, message):
 
 
 def test_an_es_state_that_fails_to_save_leaves_no_temporary_file(tmp_path):
-    with pytest.raises((pickle.PicklingError, AttributeError)):
-        train_controller.save_es_state(tmp_path / "controller_es.pkl", {"es": lambda: 0})  # cannot be pickled
+    search = Search.start(np.zeros(5), 0.1, 4, 1)
+    with pytest.raises(TypeError):
+        search.save(tmp_path / "controller_es.npz", {"generation": object()})  # not JSON
     assert list(tmp_path.iterdir()) == []
 
 
@@ -673,16 +671,11 @@ def test_missing_checkpoints_name_the_script_that_makes_them(tmp_path):
 
 
 def test_resume_with_other_features_or_another_v_is_refused(tmp_path):
-    import cma
-
     write_tiny_world_model(tmp_path)
     fingerprints = load_models(tmp_path, with_m=True)[2]
-    es = cma.CMAEvolutionStrategy(np.zeros(75), 0.1, {"popsize": 4, "verbose": -9})
     signature = {"features": "zh", "n_params": 75, "pop_size": 4, **fingerprints}
-    train_controller.save_es_state(tmp_path / "controller_es.pkl", {
-        "es": es, "generation": 1, "best_held_out": 0.0, "np_random": np.random.get_state(),
-        "signature": signature})
-    assert pickle.loads((tmp_path / "controller_es.pkl").read_bytes())["generation"] == 1
+    Search.start(np.zeros(75), 0.1, 4, 1).save(tmp_path / "controller_es.npz", {
+        "generation": 1, "best_held_out": 0.0, "signature": signature})
     with pytest.raises(UsageError, match="features = zh, this run has z"):
         train_controller.main(Config(ckpt_dir=str(tmp_path), features="z", pop_size=4))
     write_tiny_world_model(tmp_path, seed=1)  # another V and M

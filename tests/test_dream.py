@@ -263,7 +263,7 @@ def test_one_dream_generation_as_a_subprocess(tmp_path):
     assert "generation 1  mean" in r.stdout and "held-out" in r.stdout
     c = load_checkpoint(ckpt / "controller.pt", "controller")
     assert c["generation"] == 1 and c["config"]["mode"] == "dream" and np.isfinite(c["held_out"])
-    for f in ("controller_es.pkl", "controller_metrics.csv", "controller_reward.png",
+    for f in ("controller_es.npz", "controller_metrics.csv", "controller_reward.png",
               "controller_dream_strip.png"):
         assert (ckpt / f).stat().st_size > 0, f
     row = (ckpt / "controller_metrics.csv").read_text().splitlines()
@@ -304,12 +304,10 @@ def test_dream_mode_refuses_bad_input(tmp_path):
     with pytest.raises(UsageError, match="no latent files"):
         train_controller.main(dream_config(ckpt, tmp_path / "nowhere"))
     # The CMA-ES state of a real-mode run (no "mode" in its signature) is not resumed in a dream.
-    import cma
+    from wm.search import Search
 
-    train_controller.save_es_state(ckpt / "controller_es.pkl", {
-        "es": cma.CMAEvolutionStrategy(np.zeros(75), 0.1, {"popsize": 8, "verbose": -9}),
-        "generation": 1, "best_held_out": 0.0, "np_random": np.random.get_state(),
-        "signature": {"features": "zh", "n_params": 75, "pop_size": 8}})
+    Search.start(np.zeros(75), 0.1, 8, 1).save(ckpt / "controller_es.npz", {
+        "generation": 1, "best_held_out": 0.0, "signature": {"features": "zh", "n_params": 75, "pop_size": 8}})
     with pytest.raises(UsageError, match="from a real-mode run and this one is dream-mode; pass --mode real"):
         train_controller.main(dream_config(ckpt, latents))
     # An M trained with --done-weight 0 (no done head), on the same V.

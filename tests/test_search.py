@@ -1,0 +1,114 @@
+"""wm/search.py: CMA-ES's resume state in plain arrays, replayed exactly;
+the carry-over of a pickled state; a file that tries to run code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import cma
+import numpy as np
+import pytest
+from conftest import write_tiny_world_model
+
+import train_controller
+from train_controller import Config
+from wm.cli import UsageError
+from wm.search import BadState, Search
+
+
+def sphere(x: np.ndarray) -> float:
+    return float(np.sum((x - 1) ** 2))
+
+
+def drive(search: Search, generations: range, path=None, stop_at=()):
+    """Run the search, saved and loaded again before each generation in
+    `stop_at` (a resume); -> the members asked each generation."""
+    asked = []
+    for g in generations:
+        if g in stop_at:
+            search.save(path, {"generation": g})
+            np.random.seed(12345)  # whatever the process did meanwhile
+            search, info = Search.load(path, progress=False)
+            assert info == {"generation": g} and search.generation == g
+        if g == 4:
+            search.set_sigma(0.6)
+        if g == 7:
+            search.resize(6, seed=9)
+        xs = search.ask()
+        asked.append(np.array(xs))
+        search.tell(xs, [sphere(x) for x in xs])
+    return asked, search
+
+
+def test_a_resumed_search_proposes_exactly_what_the_uninterrupted_one_does(tmp_path):
+    straight, a = drive(Search.start(np.zeros(30), 0.3, 8, seed=1), range(12))
+    resumed, b = drive(Search.start(np.zeros(30), 0.3, 8, seed=1), range(12), tmp_path / "es.npz",
+                       stop_at=(3, 4, 7, 10))
+    assert [len(x) for x in straight] == [8] * 7 + [6] * 5
+    for x, y in zip(straight, resumed):
+        np.testing.assert_array_equal(x, y)  # to the last bit, across a step-size reset and a new population
+    np.testing.assert_array_equal(a.es.mean, b.es.mean)
+    assert a.es.sigma == b.es.sigma and a.es.countiter == b.es.countiter
+    # A state is plain arrays: it loads with allow_pickle=False, and is small.
+    with np.load(tmp_path / "es.npz", allow_pickle=False) as f:
+        assert all(f[k].dtype != object for k in f.files)
+    assert (tmp_path / "es.npz").stat().st_size < 100_000
+
+
+def test_a_pickled_state_is_carried_over_once_with_a_warning(tmp_path, capsys):
+    """A state of 867 weights, pickled as earlier versions did: read once,
+    rewritten in at most 4 MB, removed; the search goes on with the same
+    mean, step size, paths and covariance, so it draws from the same
+    distribution (its eigenvectors are computed afresh, so not the same
+    samples)."""
+    write_tiny_world_model(tmp_path)
+    es = cma.CMAEvolutionStrategy(np.zeros(867), 0.1, {"popsize": 8, "seed": 3, "verbose": -9})
+    for _ in range(3):
+        xs = es.ask()
+        es.tell(xs, [sphere(x) for x in xs])
+    old = tmp_path / "controller_es.pkl"
+    signature = {"features": "zh", "n_params": 867, "action_repeat": 1}
+    old.write_bytes(pickle.dumps({"es": es, "generation": 3, "best_held_out": 12.5, "signature": signature,
+                                  "np_random": np.random.get_state(), "frames": 99}))
+    train_controller.carry_over_pickle(old, tmp_path / "controller_es.npz")
+    assert "loading a pickle runs whatever code it holds" in capsys.readouterr().err
+    assert not old.exists() and (tmp_path / "controller_es.npz").stat().st_size <= 4 * 2**20
+    search, info = Search.load(tmp_path / "controller_es.npz", progress=False)
+    assert info == {"generation": 3, "best_held_out": 12.5, "signature": signature, "frames": 99}
+    new = search.es
+    np.testing.assert_array_equal(new.mean, es.mean)
+    assert new.sigma == es.sigma and new.countiter == es.countiter == 3
+    np.testing.assert_array_equal(new.pc, es.pc)
+    np.testing.assert_array_equal(new.adapt_sigma.ps, es.adapt_sigma.ps)
+    np.testing.assert_allclose((new.sm.B * new.sm.D ** 2) @ new.sm.B.T, es.sm.C, atol=1e-12)
+    xs = search.ask()  # and it goes on
+    search.tell(xs, [sphere(x) for x in xs])
+    assert search.es.countiter == 4
+
+
+class RunsCode:
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_state_file_never_runs_code_and_a_foreign_one_is_one_line(tmp_path):
+    write_tiny_world_model(tmp_path)
+    marker = tmp_path / "ran"
+    RunsCode.marker = marker
+    path = tmp_path / "controller_es.npz"
+    with open(path, "wb") as f:
+        np.savez(f, meta=np.array([RunsCode()], dtype=object))
+    with pytest.raises(BadState, match="not a readable CMA-ES state"):
+        Search.load(path)
+    with pytest.raises(UsageError, match="not a readable CMA-ES state.*pass --restart"):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4))
+    assert not marker.exists()
+    # A plain file of another kind, and a state without train_controller.py's record.
+    with open(path, "wb") as f:
+        np.savez(f, meta=np.array('{"format": 1, "stretches": []}'))
+    with pytest.raises(UsageError, match="not a CMA-ES state of this repository"):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4))
+    Search.start(np.zeros(75), 0.1, 4, 1).save(path, {"generation": 1})
+    with pytest.raises(UsageError, match="not a CMA-ES state of train_controller.py"):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4))

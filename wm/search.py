@@ -1,0 +1,216 @@
+"""CMA-ES (pycma) with a resume state of plain numbers and arrays.
+
+pycma's own state is an object: pickled, it costs 13 MB for C's 867
+weights (a covariance and its eigenvectors, 6 MB each), and loading a
+pickle runs whatever code the file names. But pycma is deterministic given
+where a search started and what it was told, since its samples come from
+numpy's global generator. So the state kept here is that, per stretch of
+the search (a fresh start, or a new population on a resume): its start
+(mean, step size, population, pycma's seed, numpy's generator), the step
+sizes set by hand and when, and every value told for every member since.
+Loading replays each generation's ask and tell, and the resumed search
+proposes exactly what the uninterrupted one would have. The file is an
+.npz of arrays plus one JSON string, read with allow_pickle=False, a few
+hundred KB after hundreds of generations.
+
+A search pickled by an earlier version of train_controller.py is carried
+over once (`from_pycma`): a new stretch starts from its mean, step size,
+covariance, evolution paths, counters and numpy's generator, the 'snapshot',
+which stores the covariance's upper triangle (3 MB for 867 weights). What
+that leaves out is derived again: the covariance's eigenvectors and the
+few quantities of pycma's (the previous means, the negative-update path)
+that steer only the next generation's update; the resumed search's next
+proposals therefore differ from the pickled one's in their last digits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import cma
+import numpy as np
+from tqdm import tqdm
+
+from wm.files import write_atomically
+from wm.rollouts import NPZ_ERRORS
+
+
+class BadState(ValueError):
+    pass
+
+
+def _numbers(obj, skip=()) -> dict:
+    """An object's attributes that are plain numbers, as JSON takes them."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in vars(obj).items()
+            if isinstance(v, (bool, int, float, np.generic)) and k not in skip}
+
+
+def _rng_state() -> tuple[np.ndarray, dict]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return keys.copy(), {"pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_rng_state(keys: np.ndarray, numbers: dict) -> None:
+    np.random.set_state(("MT19937", keys, numbers["pos"], numbers["has_gauss"], numbers["cached_gaussian"]))
+
+
+def _new_es(mean: np.ndarray, sigma: float, popsize: int, seed: int) -> cma.CMAEvolutionStrategy:
+    return cma.CMAEvolutionStrategy(mean, sigma, {"popsize": popsize, "seed": seed, "verbose": -9})
+
+
+class Search:
+    """pycma's search (`self.es`, to read: mean, sigma, result) with ask,
+    tell and the two changes a resume may make, each recorded so that a
+    replay repeats it: a step size set by hand and a new population."""
+
+    def __init__(self):
+        self.stretches: list[dict] = []  # {"meta": JSON-able, "arrays": {name: ndarray}, "told": [values]}
+        self.es: cma.CMAEvolutionStrategy | None = None
+
+    @property
+    def generation(self) -> int:
+        return sum(len(s["told"]) for s in self.stretches)
+
+    @classmethod
+    def start(cls, x0: np.ndarray, sigma0: float, popsize: int, seed: int) -> "Search":
+        search = cls()
+        search._begin(np.asarray(x0, dtype=float), sigma0, popsize, seed)
+        return search
+
+    def _begin(self, mean: np.ndarray, sigma: float, popsize: int, seed: int, snapshot: dict | None = None,
+               rng: tuple[np.ndarray, dict] | None = None) -> None:
+        """A new stretch: a fresh pycma search at `mean`, with the snapshot's
+        covariance, paths and counters when given, drawing from numpy's
+        generator as `rng` has it (keys, numbers), else as pycma's seed left it."""
+        self.es = _new_es(mean, sigma, popsize, seed)
+        meta = {"popsize": popsize, "seed": seed, "sigma0": float(sigma), "sigma_set": []}
+        arrays = {"x0": mean.copy()}
+        if snapshot is not None:
+            meta["counters"], meta["adapt_sigma"] = snapshot["counters"], snapshot["adapt_sigma"]
+            arrays.update({k: v for k, v in snapshot.items() if isinstance(v, np.ndarray)})
+            self._apply_snapshot(arrays, meta)
+        if rng is not None:
+            _set_rng_state(*rng)
+        arrays["rng_keys"], meta["rng"] = _rng_state()
+        self.stretches.append({"meta": meta, "arrays": arrays, "told": []})
+
+    def _apply_snapshot(self, arrays: dict, meta: dict) -> None:
+        es, n = self.es, len(arrays["x0"])
+        upper = np.triu_indices(n)
+        C = np.zeros((n, n))
+        C[upper] = arrays["C"]
+        es.sm.C = C + np.triu(C, 1).T
+        es.sm._decompose_C()
+        es.sm.count_tell = es.sm.last_update = meta["counters"]["count_tell"]
+        # The search's vectors (mean, its previous values, the evolution paths)
+        # and numbers (counters, step sizes), and the step-size rule's own
+        # (CSA's, or TPA's: pycma's choice for a small population in many
+        # dimensions, which draws its first two members along the last mean shift).
+        for name in meta["counters"]["vectors"]:
+            setattr(es, name, arrays[f"v_{name}"].copy())
+        for name, value in meta["counters"]["numbers"].items():
+            setattr(es, name, value)
+        es.adapt_sigma.ps = arrays["ps"].copy()
+        for name, value in meta["adapt_sigma"].items():
+            setattr(es.adapt_sigma, name, value)
+        es.pop_injection_directions = [d.copy() for d in arrays["injections"]]
+        es.timer = cma.utilities.utils.ElapsedWCTime()  # pycma makes it at its first generation
+
+    def ask(self) -> list[np.ndarray]:
+        """The next generation's members."""
+        return self._ask()
+
+    def _ask(self) -> list[np.ndarray]:  # also the replay's, which a caller watching `ask` does not see
+        sigma_set = dict(self.stretches[-1]["meta"]["sigma_set"])
+        told = len(self.stretches[-1]["told"])
+        if told in sigma_set:  # replaying: the step size set by hand before this generation
+            self.es.sigma = sigma_set[told]
+        return self.es.ask()
+
+    def tell(self, solutions: list[np.ndarray], values) -> None:
+        values = [float(v) for v in values]
+        self.es.tell(solutions, values)
+        self.stretches[-1]["told"].append(values)
+
+    def set_sigma(self, sigma: float) -> None:
+        self.stretches[-1]["meta"]["sigma_set"].append([len(self.stretches[-1]["told"]), float(sigma)])
+        self.es.sigma = sigma
+
+    def resize(self, popsize: int, seed: int) -> None:
+        """Go on with another population: a new search at this one's mean and
+        step size, its covariance and evolution paths afresh. Little is lost:
+        pycma adapts the covariance of C's hundreds of weights at a rate of
+        about 2/n^2 a generation."""
+        self._begin(self.es.mean.copy(), float(self.es.sigma), popsize, seed)
+
+    @classmethod
+    def from_pycma(cls, es: cma.CMAEvolutionStrategy, rng_state: tuple) -> "Search":
+        """Carry over a pickled pycma search and numpy's generator (see the module docstring)."""
+        n = es.N
+        vectors = {k: np.asarray(v, dtype=float).copy() for k, v in vars(es).items()
+                   if isinstance(v, np.ndarray) and v.shape == (n,) and k != "D"}  # D: from C
+        snapshot = {"C": np.asarray(es.sm.C)[np.triu_indices(n)].copy(),
+                    "ps": np.asarray(es.adapt_sigma.ps).copy(),
+                    "injections": np.array(es.pop_injection_directions, dtype=float).reshape(-1, n),
+                    **{f"v_{k}": v for k, v in vectors.items()},
+                    "counters": {"count_tell": int(es.sm.count_tell), "vectors": sorted(vectors),
+                                 "numbers": _numbers(es, skip=("N", "N_pheno"))},
+                    "adapt_sigma": _numbers(es.adapt_sigma)}
+        search = cls()
+        search._begin(np.asarray(es.mean, dtype=float).copy(), float(es.sigma), int(es.popsize),
+                      int(es.opts["seed"]), snapshot, rng=(rng_state[1], {
+                          "pos": int(rng_state[2]), "has_gauss": int(rng_state[3]),
+                          "cached_gaussian": float(rng_state[4])}))
+        return search
+
+    # --- the file ---------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, info: dict[str, Any]) -> None:
+        """Write the stretches and the caller's `info` (JSON-able) atomically."""
+        arrays = {}
+        for i, s in enumerate(self.stretches):
+            for name, a in s["arrays"].items():
+                arrays[f"s{i}_{name}"] = a
+            arrays[f"s{i}_told"] = np.array(s["told"], dtype=np.float64).reshape(-1, s["meta"]["popsize"])
+        meta = {"format": 1, "stretches": [s["meta"] for s in self.stretches], "info": info}
+        arrays["meta"] = np.array(json.dumps(meta))
+        write_atomically(path, lambda tmp: _save_npz_to(tmp, arrays))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, progress: bool = True) -> tuple["Search", dict]:
+        """Replay a saved search -> (the search, the caller's info); BadState
+        if the file is unreadable or not such a state."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                files = {k: f[k] for k in f.files}
+            meta = json.loads(str(files["meta"]))
+            stretches = [{"meta": m, "arrays": {name[len(f"s{i}_"):]: a for name, a in files.items()
+                                                if name.startswith(f"s{i}_") and name != f"s{i}_told"},
+                          "told": files[f"s{i}_told"]} for i, m in enumerate(meta["stretches"])]
+        except (*NPZ_ERRORS, json.JSONDecodeError, TypeError) as e:
+            raise BadState(f"{path} is not a readable CMA-ES state ({type(e).__name__}: {e})") from None
+        if meta.get("format") != 1 or not stretches:
+            raise BadState(f"{path} is not a CMA-ES state of this repository")
+        search = cls()
+        total = sum(len(s["told"]) for s in stretches)
+        with tqdm(total=total, desc="replaying CMA-ES", unit="gen", leave=False, disable=not progress) as bar:
+            for s in stretches:
+                m, a = s["meta"], s["arrays"]
+                snapshot = ({**{k: v for k, v in a.items() if k not in ("x0", "rng_keys")},
+                             "counters": m["counters"], "adapt_sigma": m["adapt_sigma"]}
+                            if "counters" in m else None)
+                search._begin(a["x0"], m["sigma0"], m["popsize"], m["seed"], snapshot, rng=(a["rng_keys"], m["rng"]))
+                search.stretches[-1]["meta"]["sigma_set"] = m["sigma_set"]
+                for values in s["told"]:
+                    search.tell(search._ask(), values)
+                    bar.update()
+        return search, meta["info"]
+
+
+def _save_npz_to(tmp: Path, arrays: dict) -> None:
+    """np.savez appends .npz to a name without it: write through a file object."""
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
