@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from models.controller import FEATURES, Controller, ControllerConfig
 from wm.agent import AgentSpec, EpisodeRunner, check_trained_with, load_models, map_episodes
-from wm.checkpoint import load_checkpoint, save_checkpoint
+from wm.checkpoint import keep_finished, load_checkpoint, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.dream import make_dream, save_dream_strip
 from wm.env import HELD_OUT_SEED, SEED_LIMIT, TRAIN_SEED  # the track-seed ranges
@@ -292,12 +292,8 @@ def main(cfg: Config) -> dict:
     if cfg.mode == "dream":
         signature.update(mode="dream", dream_mdnrnn_fingerprint=world.mdnrnn_fingerprint)
     loaded = load_es_state(ckpt_dir, signature) if not cfg.restart else None
-    if loaded is None and not cfg.restart and (ckpt_dir / "controller.pt").is_file():
-        # A finished run committed without its CMA-ES state (the dream's, the
-        # lever runs'): starting afresh would replace its controller.pt.
-        raise fail(f"{ckpt_dir / 'controller.pt'} is there but {es_path.name} is not, so its run cannot be "
-                   f"resumed; pass --restart to start a new run there (it replaces controller.pt), "
-                   f"or give another --ckpt-dir")
+    if loaded is None:
+        keep_finished(ckpt_dir / "controller.pt", es_path, cfg.restart)
     if loaded is None:
         # The paper's code starts from zero weights: steer straight, half gas.
         x0 = (warm_start(cfg.init_from, controller, fingerprints, action_repeat) if cfg.init_from
@@ -340,6 +336,9 @@ def main(cfg: Config) -> dict:
             if state.get("eval_episodes") != cfg.eval_episodes and np.isfinite(state["best_held_out"]):
                 rescore_best(state, controller, pool, cfg, ckpt_dir / "controller.pt", held_out_seeds, fingerprints)
             state["eval_episodes"] = cfg.eval_episodes
+            # Saved before the first generation too, so that a run killed after
+            # writing its first controller.pt still has a state to resume from.
+            search.save(es_path, {k: v for k, v in state.items() if k != "es"})
             for gen in range(start, cfg.generations):
                 t0 = time.time()
                 solutions = search.ask()
@@ -372,8 +371,10 @@ def main(cfg: Config) -> dict:
                 state["frames"] = state.get("frames", 0) + frames  # held-out frames included
                 row["frames"] = state["frames"]
                 state["generation"] = gen + 1
-                search.save(es_path, {k: v for k, v in state.items() if k != "es"})
+                # The row first: killed before the state, the resumed run drops it
+                # and redoes the generation; the other way round, the row would be lost.
                 metrics.append(row)
+                search.save(es_path, {k: v for k, v in state.items() if k != "es"})
                 metrics.plot(ckpt_dir / "controller_reward.png", ["mean", "best", "held_out"],
                              title=f"CMA-ES {'in M' if cfg.mode == 'dream' else 'on CarRacing-v3'} "
                                    f"(C: {cfg.features})", ylabel="reward")

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from models import MDNRNN, ConvVAE, MDNRNNConfig, mdn_loss
-from wm.checkpoint import load_checkpoint, recorded_tracks, resume_training, save_checkpoint
+from wm.checkpoint import keep_finished, load_checkpoint, recorded_tracks, resume_training, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.files import writable_folder
 from wm.frames import to_image
@@ -204,6 +204,7 @@ def main(cfg: Config) -> dict:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ckpt_dir = Path(cfg.ckpt_dir)
+    keep_finished(ckpt_dir / "mdnrnn.pt", ckpt_dir / "mdnrnn_last.pt", cfg.restart)
     rollout_files = list_rollouts(cfg.data_dir)
     action_repeat = folder_setting(cfg.data_dir, rollout_files, "action_repeat", "M")
     vae_ckpt = load_checkpoint(ckpt_dir / "vae.pt", kind="vae")
@@ -256,6 +257,10 @@ def main(cfg: Config) -> dict:
         val = run_epoch(model, val_w, cfg, device, torch.Generator().manual_seed(cfg.seed + 1),
                         desc="val") if val_w is not None else train
         seconds = time.perf_counter() - t0
+        if not all(math.isfinite(v["loss"]) for v in (train, val)):
+            raise fail(f"training diverged in epoch {epoch} (train loss {train['loss']}, val {val['loss']}); "
+                       f"{last_path} is left as it was after epoch {epoch - 1} (try a lower --lr, or "
+                       f"check the rollouts' rewards for inf or NaN)")
         row = {"epoch": epoch, **{f"train_{k}": round(v, 5) for k, v in train.items() if k != "seq_per_s"},
                **{f"val_{k}": round(v, 5) for k, v in val.items() if k != "seq_per_s"},
                "seq_per_s": round(train["seq_per_s"], 1), "seconds": round(seconds, 2)}

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from models import ConvVAE, VAEConfig
 from models.vae import squared_error_by_region, vae_loss
-from wm.checkpoint import resume_training, save_checkpoint
+from wm.checkpoint import keep_finished, resume_training, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.files import writable_folder
 from wm.frames import FRAME_SIZE, VIEWS, recon_weights, road_mask, to_image, to_model_input
@@ -379,6 +379,7 @@ def main(cfg: Config) -> dict:
         torch.set_num_threads(cfg.threads)
     ckpt_dir = Path(cfg.ckpt_dir)
     best_path, last_path = ckpt_dir / "vae.pt", ckpt_dir / "vae_last.pt"
+    keep_finished(best_path, last_path, cfg.restart)
 
     counts = scan_rollouts(cfg.data_dir, cfg.view)
     train_files, val_files = split_rollouts(list(counts), cfg.val_fraction, cfg.seed)
@@ -447,10 +448,12 @@ def main(cfg: Config) -> dict:
                    **{k: v for k, v in row.items() if k != "epoch"}, "best_val_loss": best_val,
                    "train_rollouts": [f.name for f in train_files],
                    "val_rollouts": [f.name for f in val_files]}
+        # The row first: killed before the checkpoint, the resumed run drops it
+        # and redoes the epoch; the other way round, the row would be lost.
+        log.append(row)
         if best:  # the one to use: weights only (Adam's state, twice their size, stays in vae_last.pt)
             save_checkpoint(best_path, {k: v for k, v in payload.items() if k != "optimizer"})
         save_checkpoint(last_path, payload)
-        log.append(row)
         log.plot(ckpt_dir / "vae_loss.png", ["train_loss", "val_loss", "train_recon", "val_recon",
                                               "train_kl", "val_kl"],
                  title="V: loss per frame (recon: summed squared error; KL in nats)", logy=True)

@@ -102,6 +102,16 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
     return ckpt
 
 
+def keep_finished(best: str | os.PathLike, last: str | os.PathLike, restart: bool) -> None:
+    """Refuse a fresh run in a folder whose `best` file has no `last` beside
+    it to resume from: a finished run (a shipped one, or one committed
+    without its resume state), which the new run would overwrite."""
+    best, last = Path(best), Path(last)
+    if not restart and best.is_file() and not last.is_file():
+        raise fail(f"{best} is there but {last.name} is not, so its run cannot be resumed; pass --restart to "
+                   f"start a new run there (it replaces {best.name}), or give another --ckpt-dir")
+
+
 def resume_training(path: str | os.PathLike, kind: str, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, model_args: dict,
                     restart: bool = False,
