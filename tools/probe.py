@@ -195,10 +195,9 @@ def probe(xs: list[np.ndarray], ys: list[np.ndarray], n_test: int) -> dict[str, 
 
 
 def plot(table: dict[str, dict[str, dict[str, float]]], png: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from wm.metrics import save_figure  # it also sets matplotlib's file-only backend
 
     bars = [(f"{name}: {feat}", scores) for name, sets in table.items() for feat, scores in sets.items()]
     fig, ax = plt.subplots(figsize=(8, 3.2))
@@ -212,8 +211,7 @@ def plot(table: dict[str, dict[str, dict[str, float]]], png: str) -> None:
     ax.set_title("What a linear C can read off its input")
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    write_atomically(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def main(cfg: Config) -> dict:

@@ -1,4 +1,4 @@
-"""tools/probe.py: the game's true state, the ridge probe, and the command end to end."""
+"""tools/: the probe (the game's true state, the ridge fit, the command end to end) and the curves of CMA-ES runs."""
 
 from __future__ import annotations
 
@@ -67,3 +67,19 @@ def test_the_probe_command_writes_its_table_and_plot(tmp_path):
     assert "--action-repeat 1" in line
     assert "--test-episodes" in error_line(run_script("-m", "tools.probe", "--episodes", "3",
                                                       "--test-episodes", "2"))
+
+
+def test_the_curves_of_two_runs_side_by_side(tmp_path):
+    from wm.metrics import MetricsLog
+
+    for name, offset in (("a", 0.0), ("b", 100.0)):
+        log = MetricsLog(tmp_path / name / "controller_metrics.csv", step_key="generation")
+        log.extend([{"generation": g, "mean": g + offset, **({"held_out": 10 * g} if g % 5 == 0 else {})}
+                    for g in range(1, 13 if name == "a" else 11)])
+    png = tmp_path / "curves.png"
+    r = run_script("-m", "tools.curves", "--runs", f"a={tmp_path / 'a'},b={tmp_path / 'b'}", "--png", str(png))
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()[1:]]
+    assert rows == [["5", "5.0", "50.0", "105.0", "50.0"], ["10", "10.0", "100.0", "110.0", "100.0"]]
+    assert png.stat().st_size > 1000
+    assert "not found" in error_line(run_script("-m", "tools.curves", "--runs", f"a={tmp_path / 'none'}"))
