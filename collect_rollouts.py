@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from wm.cli import fail, run_main
 from wm.env import COLLECT_SEED, EVAL_SEED, HELD_OUT_SEED, MAX_EPISODE_STEPS, TRAIN_SEED, make_env, step_repeat
-from wm.files import writable_folder
+from wm.files import locked, writable_folder
 from wm.frames import VIEWS, preprocess
 from wm.policies import POLICIES, ControllerPolicy
 from wm.pool import WorkerError, check_backend, make_pool
@@ -170,6 +170,7 @@ def warn_on_scored_tracks(out: Path, seeds: range) -> None:
               f"default) into a folder without them", file=sys.stderr)
 
 
+@locked("out_dir", "--out-dir")  # one run at a time writes there
 def main(cfg: Config) -> None:
     out = check_config(cfg)
     remove_stale_temporaries(out)

@@ -56,7 +56,7 @@ from wm.checkpoint import keep_finished, load_checkpoint, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
 from wm.dream import make_dream, save_dream_strip
 from wm.env import HELD_OUT_SEED, SEED_LIMIT, TRAIN_SEED  # the track-seed ranges
-from wm.files import writable_folder
+from wm.files import locked, writable_folder
 from wm.metrics import MetricsLog
 from wm.pool import Pool, WorkerError, check_backend, make_pool
 from wm.search import BadState, Search
@@ -268,6 +268,7 @@ def pick_action_repeat(flag: int, mdnrnn) -> int:
     return k
 
 
+@locked("ckpt_dir", "--ckpt-dir")  # one run at a time writes there
 def main(cfg: Config) -> dict:
     check_config(cfg)
     ckpt_dir = Path(cfg.ckpt_dir)

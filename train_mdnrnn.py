@@ -32,7 +32,7 @@ from tqdm import tqdm
 from models import MDNRNN, ConvVAE, MDNRNNConfig, mdn_loss
 from wm.checkpoint import keep_finished, load_checkpoint, recorded_tracks, resume_training, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
-from wm.files import writable_folder
+from wm.files import locked, writable_folder
 from wm.frames import to_image
 from wm.latents import check_latent_size, encode_rollouts
 from wm.metrics import MetricsLog, image_grid
@@ -200,6 +200,7 @@ def hold_out_like_v(latents: list[tuple[Path, dict]], vae_ckpt: dict,
     return latents[:len(latents) - n_val], latents[len(latents) - n_val:]
 
 
+@locked("ckpt_dir", "--ckpt-dir")  # one run at a time writes there
 def main(cfg: Config) -> dict:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)

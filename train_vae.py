@@ -37,7 +37,7 @@ from models import ConvVAE, VAEConfig
 from models.vae import squared_error_by_region, vae_loss
 from wm.checkpoint import keep_finished, resume_training, save_checkpoint
 from wm.cli import fail, resolve_device, run_main
-from wm.files import writable_folder
+from wm.files import locked, writable_folder
 from wm.frames import FRAME_SIZE, VIEWS, recon_weights, road_mask, to_image, to_model_input
 from wm.metrics import MetricsLog, image_grid
 from wm.rollouts import BadRollout, array_headers, folder_setting, list_rollouts, read_rollout
@@ -371,6 +371,7 @@ def save_pictures(model: ConvVAE, shown: np.ndarray, ckpt_dir: Path, device: tor
 # ---------------------------------------------------------------------------
 
 
+@locked("ckpt_dir", "--ckpt-dir")  # one run at a time writes there
 def main(cfg: Config) -> dict:
     check_weighting(cfg)
     device = resolve_device(cfg.device)

@@ -113,3 +113,36 @@ def test_a_kill_between_v_s_metrics_row_and_its_checkpoint_loses_no_row(syntheti
     monkeypatch.setattr(train_vae, "save_checkpoint", save)
     train_vae.main(cfg)
     assert [r["epoch"] for r in MetricsLog(ckpt / "vae_metrics.csv").rows()] == ["1", "2", "3"]
+
+
+def test_a_second_run_into_the_same_folder_is_refused_and_a_dead_one_s_lock_is_taken_over(tmp_path):
+    """One lock per output folder, for every stage; the second run names the
+    first's process, and a lock left by a killed run does not block the next."""
+    import os
+    import subprocess
+    import sys
+
+    from wm.files import folder_lock
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(str(sleeper.pid))  # a live run holds it
+        for script in ("collect_rollouts.py", "train_vae.py", "train_mdnrnn.py", "train_controller.py"):
+            flag = "--out-dir" if script == "collect_rollouts.py" else "--ckpt-dir"
+            line = error_line(run_script(script, flag, str(tmp_path)))
+            assert f"is in use by another run (process {sleeper.pid})" in line, script
+        # Temporary rollout files of a live writer are left alone.
+        tmp = tmp_path / f".rollout_0010000.{sleeper.pid}.tmp.npz"
+        tmp.write_bytes(b"partial")
+        from wm.rollouts import remove_stale_temporaries
+
+        remove_stale_temporaries(tmp_path)
+        assert tmp.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    remove_stale_temporaries(tmp_path)
+    assert not tmp.exists()  # its writer is gone
+    with folder_lock(tmp_path, "--ckpt-dir"):  # the dead run's lock is taken over
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()

@@ -10,9 +10,11 @@ traceback hours later.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,17 +44,62 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> N
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def folder_lock(folder: str | os.PathLike, flag: str):
+    """One run at a time per output folder: `folder/.lock` holds the pid of
+    the run that writes there. A second run is refused in one line naming
+    it; a lock whose process is gone (a kill) is taken over. The pid is
+    written before the file appears (a link of a finished file), so no run
+    ever reads a lock without one."""
+    folder = writable_folder(folder, flag)
+    lock = folder / ".lock"
+    mine = temporary_path(lock, os.getpid())
+    mine.write_text(str(os.getpid()))
+    try:
+        while True:
+            try:
+                os.link(mine, lock)
+                break
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text())
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and alive(pid):
+                    raise fail(f"{flag} {folder} is in use by another run (process {pid}); wait for it to "
+                               f"end, or give another {flag}") from None
+                lock.unlink(missing_ok=True)  # its run is gone
+    finally:
+        mine.unlink(missing_ok=True)
+    try:
+        yield folder
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def locked(field: str, flag: str):
+    """Decorate a script's `main(cfg)` to hold `folder_lock` on the folder
+    in `cfg.<field>` while it runs."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(cfg):
+            with folder_lock(getattr(cfg, field), flag):
+                return main(cfg)
+        return run
+    return wrap
+
+
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete the temporary files of `path` whose writing process is gone. Those
     of a live process are left alone: another run may be writing this file."""
     name = re.compile(re.escape(f".{path.stem}.") + r"(\d+)" + re.escape(f".tmp{path.suffix}"))
     for tmp in path.parent.iterdir():
         m = name.fullmatch(tmp.name)
-        if m and not _alive(int(m[1])):
+        if m and not alive(int(m[1])):
             tmp.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from wm.cli import fail
-from wm.files import temporary_path, write_atomically
+from wm.files import alive, temporary_path, write_atomically
 from wm.frames import FRAME_SIZE
 
 KEYS = ("observations", "actions", "rewards", "terminated", "truncated")
@@ -163,9 +163,12 @@ def is_complete(path: str | os.PathLike) -> bool:
 
 
 def remove_stale_temporaries(out_dir: str | os.PathLike) -> None:
-    """Temporary files left by a run that was killed mid-write."""
+    """Temporary files left by a writer that was killed mid-write; those of
+    a live process are left alone (the rule of wm/files.py)."""
     for tmp in Path(out_dir).glob(temporary_path(Path("rollout_*.npz"), "*").name):
-        tmp.unlink(missing_ok=True)
+        pid = tmp.name.split(".")[-3]  # .rollout_0010000.<pid>.tmp.npz
+        if not (pid.isdigit() and alive(int(pid))):
+            tmp.unlink(missing_ok=True)
 
 
 def list_rollouts(data_dir: str | os.PathLike) -> list[Path]:
