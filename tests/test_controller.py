@@ -642,6 +642,8 @@ def test_bench_agent_times_the_env_alone_on_the_agent_s_actions(tmp_path):
     (["--workers", "0"], "--workers must be at least 1"),
     (["--features", "zz"], "--features must be one of"),
     (["--sigma0", "0"], "--sigma0 must be positive"),
+    (["--sigma0", "inf"], "--sigma0 must be a finite number"),
+    (["--temperature", "nan"], "--temperature must be a finite number"),
     (["--action-repeat", "-1"], "--action-repeat must be 0"),
     (["--patience", "-1"], "--patience must be non-negative"),
     (["--reset-sigma", "-1"], "--reset-sigma must be non-negative"),

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import re
 import reprlib
 import sys
@@ -160,6 +161,8 @@ def check_ranges(values: dict[str, Any], where: dict[str, str] | None = None) ->
     """Fail with one line for the first value out of its range in RANGES, named
     as `where` says (else by its flag)."""
     for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):  # no option of any script means inf or nan
+            raise fail(f"{(where or {}).get(name, flag(name))} must be a finite number, got {value}")
         for rule, ok, names in RANGES:
             if name in names and not ok(value):
                 raise fail(f"{(where or {}).get(name, flag(name))} must be {rule}, got {value}")
