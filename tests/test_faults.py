@@ -146,3 +146,16 @@ def test_a_second_run_into_the_same_folder_is_refused_and_a_dead_one_s_lock_is_t
     with folder_lock(tmp_path, "--ckpt-dir"):  # the dead run's lock is taken over
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
     assert not (tmp_path / ".lock").exists()
+
+
+def test_a_rollout_without_steps_is_skipped_by_v_and_m(tmp_path):
+    ro, ckpt = tmp_path / "ro", tmp_path / "ckpt"
+    make_synthetic_rollouts(ro, n=3)
+    write_rollout(ro / "rollout_0000099.npz", observations=np.zeros((0, 64, 64, 3), np.uint8),
+                  actions=np.zeros((0, 3), np.float32), rewards=np.zeros(0, np.float32),
+                  terminated=np.zeros(0, bool), truncated=np.zeros(0, bool))
+    for args in (["train_vae.py", "--batch-size", "20"],
+                 ["train_mdnrnn.py", "--latent-dir", str(tmp_path / "lat"), "--seq-len", "8"]):
+        r = run_script(*args, "--data-dir", str(ro), "--ckpt-dir", str(ckpt), "--epochs", "1")
+        assert r.returncode == 0, r.stderr
+        assert "rollout_0000099.npz: holds no steps" in r.stderr, args[0]

@@ -85,6 +85,8 @@ def read_rollout(path: str | os.PathLike) -> dict[str, np.ndarray]:
                          f"expected (T, {FRAME_SIZE}, {FRAME_SIZE}, 3) uint8")
     if data["actions"].shape != (T, 3) or any(len(data[k]) != T for k in KEYS[2:]):
         raise BadRollout(f"{path}: arrays of different lengths")
+    if T == 0:  # no episode has none: a file made by something else
+        raise BadRollout(f"{path}: holds no steps")
     return data
 
 
