@@ -101,3 +101,15 @@ def test_the_ppo_results_table_holds_the_committed_comparison(doc):
     assert len(rows) > 2, "comparison.md holds no table; run compare_ppo.py"
     missing = [row for row in rows if row not in lines]
     assert not missing, f"{doc} lacks rows of checkpoints/ppo/comparison.md: {missing}"
+
+
+def test_the_probe_table_matches_the_committed_json():
+    """docs/probe.md's table is tools/probe.py's markdown of docs/probe.json,
+    and its command is the one that wrote that file."""
+    from tools.probe import markdown
+
+    text = (ROOT / "docs/probe.md").read_text()
+    result = json.loads((ROOT / "docs/probe.json").read_text())
+    block = text.split("<!-- probe:start -->\n")[1].split("\n<!-- probe:end -->")[0]
+    assert block == markdown(result["r2"]), "docs/probe.md's table differs from docs/probe.json; paste the probe's"
+    assert f"--ckpt-dirs {result['config']['ckpt_dirs']} " in text

@@ -230,7 +230,7 @@ def digest(path: Path) -> str:
 def test_checkpoint_round_trip_with_weights_only(trained):
     ckpt = torch.load(trained / "ckpt" / "vae.pt", weights_only=True)
     assert ckpt["kind"] == "vae" and ckpt["epoch"] == 1
-    assert ckpt["model_args"] == {"latent_size": 32}
+    assert ckpt["model_args"] == {"latent_size": 32, "view": "road"}
     vae = ConvVAE.from_checkpoint(ckpt)
     assert state_fingerprint(vae.state_dict()) == ckpt["fingerprint"]
     assert all(torch.isfinite(torch.tensor(ckpt[k])) for k in ("val_loss", "val_recon", "val_kl"))
@@ -287,7 +287,7 @@ def test_script_end_to_end(synthetic_rollouts, tmp_path):
     recon = Image.open(ckpt / "vae_recon.png")
     assert recon.width > 8 * 64 and recon.height >= 2 * 64  # 8 frames above 8 reconstructions
     ckpt_data = torch.load(ckpt / "vae.pt", weights_only=True)
-    assert ckpt_data["model_args"] == {"latent_size": 8} and ckpt_data["config"]["batch_size"] == 32
+    assert ckpt_data["model_args"] == {"latent_size": 8, "view": "road"} and ckpt_data["config"]["batch_size"] == 32
 
 
 def test_a_ckpt_dir_that_cannot_be_written_is_one_line_before_training(synthetic_rollouts, tmp_path):

@@ -194,6 +194,17 @@ def probe(xs: list[np.ndarray], ys: list[np.ndarray], n_test: int) -> dict[str, 
     return scores
 
 
+def markdown(table: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The R² table as markdown, one row per candidate and feature set, as
+    docs/probe.md holds it."""
+    rows = ["| features | " + " | ".join(t.replace("_", " ") for t in TARGETS) + " |",
+            "|---|" + "---:|" * len(TARGETS)]
+    for name, sets in table.items():
+        for feat, scores in sets.items():
+            rows.append(f"| {name}: {feat} | " + " | ".join(f"{scores[t]:.3f}" for t in TARGETS) + " |")
+    return "\n".join(rows)
+
+
 def plot(table: dict[str, dict[str, dict[str, float]]], png: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -236,10 +247,7 @@ def main(cfg: Config) -> dict:
     print(f"R^2 on tracks {cfg.seed + cfg.episodes - cfg.test_episodes}-{cfg.seed + cfg.episodes - 1} "
           f"(ridge fitted on the {cfg.episodes - cfg.test_episodes} before), driver {cfg.driver}, "
           f"{sum(len(t) for t in truth)} steps:")
-    print(f"{'features':48s}" + "".join(f"{t:>18s}" for t in TARGETS))
-    for name, sets in table.items():
-        for feat, scores in sets.items():
-            print(f"{name + ': ' + feat:48s}" + "".join(f"{scores[t]:18.3f}" for t in TARGETS))
+    print(markdown(table))
     result = {"config": asdict(cfg), "action_repeat": k, "steps": sum(len(t) for t in truth),
               "seconds": round(time.time() - t0, 1), "r2": table}
     if cfg.json:

@@ -100,6 +100,7 @@ def build_parser(config_cls: type) -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = comments.get(f.name, "")
         help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         kind = hints[f.name] if not isinstance(hints[f.name], str) else None
         if isinstance(default, bool) or kind is bool or hints[f.name] == "bool":
             parser.add_argument(flag(f.name), dest=f.name, type=_parse_bool, nargs="?", const=True,

@@ -50,7 +50,9 @@ def folder_lock(folder: str | os.PathLike, flag: str):
     the run that writes there. A second run is refused in one line naming
     it; a lock whose process is gone (a kill) is taken over. The pid is
     written before the file appears (a link of a finished file), so no run
-    ever reads a lock without one."""
+    ever reads a lock without one. A folder the run made and left empty (it
+    stopped on bad input) is removed with the lock."""
+    made = not Path(folder).exists()
     folder = writable_folder(folder, flag)
     lock = folder / ".lock"
     mine = temporary_path(lock, os.getpid())
@@ -75,6 +77,8 @@ def folder_lock(folder: str | os.PathLike, flag: str):
         yield folder
     finally:
         lock.unlink(missing_ok=True)
+        if made and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def locked(field: str, flag: str):
