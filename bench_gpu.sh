@@ -2,10 +2,10 @@
 # A GPU machine, one call: the suite with CUDA visible (in the
 # background, beside the GPU benches), bench.py on the GPU, bench.py agent on 16
 # workers, and one real CMA-ES generation of 64 x 16 on 2, 4, 8 and 16 workers.
-# usage: OUT=results/ bash bench_gpu.sh   (the README's "A GPU machine" section)
+# usage: OUT=results/ bash bench_gpu.sh   (docs/performance.md, "A GPU machine")
 set -uo pipefail
 t0=$(date +%s); el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-# The accelerator machine reaches no registry: its packages travel as wheels (../shared/device/fetch-wheels.sh).
+# A GPU machine without a package index installs from wheels carried in .device-wheels/, if there are any.
 [ -d .device-wheels ] && python3 -m pip install -q --no-deps --no-index .device-wheels/*.whl 2>&1 | grep -v WARNING
 export SDL_VIDEODRIVER=dummy PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 : "${OUT:?set OUT to the folder for the results}"; mkdir -p "$OUT"

@@ -19,9 +19,9 @@ action (the frame seen before it, the rewards of its k frames summed), about
 1000 / k rows, and records k. A folder holds one k: collecting into a folder
 of another k is refused.
 
---backend ray collects on the actors of a Ray cluster (see the README's
-section on it); each actor writes its rollouts into --out-dir, which must then
-be a folder that every machine of the cluster sees.
+--backend ray collects on the actors of a Ray cluster (docs/scaling.md);
+each actor writes its rollouts into --out-dir, which must then be a folder
+that every machine of the cluster sees.
 
 usage: python collect_rollouts.py --rollouts 200 --workers 2 --out-dir data/rollouts
 """
@@ -95,6 +95,7 @@ def collect_one(seed: int, max_steps: int, policy: str, action_repeat: int = 1,
         data["action_repeat"] = np.array(action_repeat, dtype=np.int64)
     if view != "road":  # likewise, a file of the paper's view
         data["view"] = np.array(view)
+    data["policy"], data["max_steps"] = np.array(policy), np.array(max_steps, dtype=np.int64)
     return data
 
 
@@ -155,6 +156,21 @@ def check_folder_settings(out: Path, cfg: Config) -> None:
                        f"or delete those files")
 
 
+def check_kept_rollouts(out: Path, cfg: Config, seeds: list[int]) -> None:
+    """Refuse to count as collected a rollout of the asked tracks that was
+    made with another --policy or --max-steps (a file too old to say is
+    taken as it is)."""
+    files = [rollout_path(out, s) for s in seeds]
+    for key in ("policy", "max_steps"):
+        asked = getattr(cfg, key)
+        other = {v: found for v, found in by_setting(files, key).items() if v not in (asked, None)}
+        if other:
+            v, found = min(other.items(), key=lambda item: str(item[0]))
+            raise fail(f"{out} already holds {len(found)} of these tracks' rollouts collected with "
+                       f"{FLAGS[key]} {v} (e.g. {found[0].name}); collect {FLAGS[key]} {asked} with another "
+                       f"--seed or --out-dir, or delete those files")
+
+
 def warn_on_scored_tracks(out: Path, seeds: range) -> None:
     """One line on stderr when `out` would hold rollouts of tracks that
     evaluate.py or C's held-out score drives: V and M learn from every
@@ -178,6 +194,7 @@ def main(cfg: Config) -> None:
     check_folder_settings(out, cfg)
     warn_on_scored_tracks(out, seeds)
     todo = [s for s in seeds if not is_complete(rollout_path(out, s))]
+    check_kept_rollouts(out, cfg, [s for s in seeds if s not in todo])
     if len(todo) < cfg.rollouts:
         print(f"{cfg.rollouts - len(todo)} of {cfg.rollouts} rollouts already in {out}; "
               f"collecting the other {len(todo)}")

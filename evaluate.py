@@ -23,8 +23,7 @@ run folders, which records the arm, its V and M, and the frame skip.
 changes sign from one decision to the next (a bang-bang driver's flips), mean
 |steer|, gas and brake, and the top speed (wm.env.DrivingLog).
 
---backend ray scores the episodes on the actors of a Ray cluster (see the
-README's section on it), with the same scores.
+--backend ray scores the episodes on the actors of a Ray cluster (docs/scaling.md), with the same scores.
 
 usage: python evaluate.py --ckpt-dir checkpoints --episodes 100 --json scores.json --video drive.mp4
 """
@@ -45,7 +44,7 @@ from models.controller import Controller, ControllerConfig
 from wm.agent import (AgentSpec, EpisodeRunner, build_agent, check_trained_with, load_models, map_episodes,
                       run_episode, run_episodes)
 from wm.checkpoint import load_checkpoint, recorded_tracks
-from wm.cli import fail, resolve_device, run_main
+from wm.cli import UsageError, fail, resolve_device, run_main
 from wm.env import EVAL_SEED, DrivingLog, make_env
 from wm.files import writable_file, write_atomically
 from wm.frames import to_image
@@ -299,15 +298,26 @@ def main(cfg: Config) -> dict:
     summary = {"scores": scores, "mean": float(np.mean(scores)), "std": float(np.std(scores)),
                "iqm": iqm, "iqm_ci95": [low, high],
                "episodes": len(scores), "seed": cfg.seed, "policy": cfg.policy, "stochastic": cfg.stochastic,
-               "steps": sum(results[i][1] for i in range(len(seeds))), "seconds": time.time() - t0}
+               "steps": sum(results[i][1] for i in range(len(seeds))), "seconds": time.time() - t0,
+               "frames": [results[i][1] for i in range(len(seeds))]}
+    # An episode that ends before the time limit finished its lap (or left the playfield, at -100).
+    laps = [f for f in summary["frames"] if f < cfg.max_steps]
+    summary["laps_finished"], summary["lap_frames"] = len(laps), float(np.mean(laps)) if laps else None
     if cfg.drive_stats:
         summary["driving"] = [driving[i] for i in range(len(seeds))]
         print("driving, mean over the episodes: " + DrivingLog.describe(
             {key: np.mean([d[key] for d in summary["driving"]]) for key in driving[0]}))
     print(f"{cfg.policy}: {summary['mean']:.1f} +- {summary['std']:.1f}, IQM {iqm:.1f} [{low:.1f}, {high:.1f}] "
           f"over {len(scores)} episodes on CarRacing-v3 (seeds {seeds[0]}..{seeds[-1]})")
+    if laps:
+        print(f"{len(laps)} of {len(scores)} episodes ended before the time limit of {cfg.max_steps} frames, "
+              f"in {summary['lap_frames']:.0f} frames on average")
     if cfg.json:
-        write_atomically(cfg.json, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+        try:
+            write_atomically(cfg.json, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+        except UsageError as e:  # a full disk: the episodes are not run again for it
+            print(json.dumps(summary))
+            raise fail(f"{e.message}; the scores are the line of JSON above") from None
     return summary
 
 

@@ -20,8 +20,7 @@ fresh search at another controller.pt's weights, such as a C trained in M's
 dream, instead of zeros),
 controller_metrics.csv and controller_reward.png.
 
---backend ray runs the workers as actors on a Ray cluster instead (see the
-README's section on it); the same seeds give the same fitness on either.
+--backend ray runs the workers as actors on a Ray cluster instead (docs/scaling.md); the same seeds give the same fitness on either.
 
 --mode dream scores the members inside M instead (wm/dream.py): the whole
 population dreams at once, from the first frames of the rollouts in
@@ -344,6 +343,9 @@ def main(cfg: Config) -> dict:
                 t0 = time.time()
                 solutions = search.ask()
                 rewards, steps = fitness(solutions, train_seeds(cfg.seed, gen, cfg.rollouts_per_member))
+                if not np.all(np.isfinite(rewards)):  # told to CMA-ES, it would poison the state
+                    raise fail(f"generation {gen + 1}: {np.sum(~np.isfinite(rewards))} members' fitness is not "
+                               f"finite; {es_path} is left as it was after generation {gen}")
                 # cma minimises
                 search.tell(solutions, race_ranking(rewards, fitness.survivors) if cfg.race else -rewards)
                 row = {"generation": gen + 1, "mean": rewards.mean(), "best": rewards.max(),

@@ -101,15 +101,47 @@ def describe_weighting(config: dict) -> str:
     return f"{config['recon_weighting']} x{config['road_weight']:g}"
 
 
-def refuse_other_weighting(cfg: Config):
-    """A resume check: vae_last.pt must have trained with this run's weighting,
-    else the epochs would mix two objectives."""
+def refuse_other_settings(cfg: Config):
+    """A resume check: vae_last.pt must have trained with this run's weighting
+    (else the epochs would mix two objectives), and with its --seed and
+    --val-fraction, which draw the split and the order."""
     def check(ckpt: dict) -> None:
-        was, now = describe_weighting(ckpt.get("config", {})), describe_weighting(asdict(cfg))
+        config = ckpt.get("config", {})
+        was, now = describe_weighting(config), describe_weighting(asdict(cfg))
         if was != now:
             raise fail(f"{cfg.ckpt_dir}/vae_last.pt was trained with --recon-weighting {was}, this run "
                        f"asks for {now}; pass --restart to start over, or another --ckpt-dir")
+        for key in ("seed", "val_fraction"):
+            if key in config and config[key] != getattr(cfg, key):
+                flag = "--" + key.replace("_", "-")
+                raise fail(f"{cfg.ckpt_dir}/vae_last.pt was trained with {flag} {config[key]}, this run asks "
+                           f"for {getattr(cfg, key)}; its validation rollouts would be redrawn: give "
+                           f"{flag} {config[key]}, or pass --restart to start over")
     return check
+
+
+def recorded_split(ckpt: dict, counts: dict[Path, int], data_dir: str) -> tuple[list[Path], list[Path]] | None:
+    """The split a resumed run started with, as vae_last.pt records it, so
+    that no rollout moves between training and validation (None for a file
+    that records none). Rollouts added to the folder since are left out,
+    rollouts gone from it are skipped, each with one line."""
+    if "val_rollouts" not in ckpt:
+        return None
+    by_name = {f.name: f for f in counts}
+    train = [by_name[n] for n in ckpt["train_rollouts"] if n in by_name]
+    val = [by_name[n] for n in ckpt["val_rollouts"] if n in by_name]
+    gone = len(ckpt["train_rollouts"]) + len(ckpt["val_rollouts"]) - len(train) - len(val)
+    new = len(by_name) - len(train) - len(val)
+    if not train or not val:
+        raise fail(f"{data_dir} no longer holds the {'training' if not train else 'validation'} rollouts "
+                   f"that vae_last.pt's run started with; give its --data-dir, or pass --restart")
+    if gone:
+        warnings.warn(f"{gone} of the rollouts this run started with are gone from {data_dir} or "
+                      f"unreadable; going on without them", stacklevel=2)
+    if new:
+        print(f"{new} rollouts came to {data_dir} after this run started; it keeps its split and leaves "
+              f"them out (--restart learns from them)")
+    return train, val
 
 
 # ---------------------------------------------------------------------------
@@ -385,8 +417,6 @@ def main(cfg: Config) -> dict:
     counts = scan_rollouts(cfg.data_dir, cfg.view)
     train_files, val_files = split_rollouts(list(counts), cfg.val_fraction, cfg.seed)
     writable_folder(ckpt_dir, "--ckpt-dir")
-    n_train = sum(counts[f] for f in train_files)
-    n_val = sum(counts[f] for f in val_files)
 
     torch.manual_seed(cfg.seed)
     model_cfg = VAEConfig(latent_size=cfg.latent_size, view=cfg.view)
@@ -395,9 +425,12 @@ def main(cfg: Config) -> dict:
     start_epoch, best_val = 0, math.inf
     log = MetricsLog(ckpt_dir / "vae_metrics.csv")
     ckpt = resume_training(last_path, "vae", model, opt, asdict(model_cfg), cfg.restart,
-                           check=refuse_other_weighting(cfg))
+                           check=refuse_other_settings(cfg))
     if ckpt is not None:
         start_epoch, best_val = ckpt["epoch"], ckpt["best_val_loss"]
+        train_files, val_files = recorded_split(ckpt, counts, cfg.data_dir) or (train_files, val_files)
+    n_train = sum(counts[f] for f in train_files)
+    n_val = sum(counts[f] for f in val_files)
     log.truncate_after(start_epoch)
     if start_epoch >= cfg.epochs:
         print(f"{last_path} has already trained {start_epoch} epochs; raise --epochs to go on")

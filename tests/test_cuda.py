@@ -1,6 +1,6 @@
 """The GPU path: each model trains a step on CUDA, and a diverged V stops cleanly there.
 
-These run only where CUDA is visible (the accelerator machine); elsewhere they
+These run only where CUDA is visible (a GPU machine); elsewhere they
 are skipped with the reason. The rest of the suite also runs with CUDA visible,
 since `--device auto` then picks the GPU.
 """

@@ -113,3 +113,26 @@ def test_the_probe_table_matches_the_committed_json():
     block = text.split("<!-- probe:start -->\n")[1].split("\n<!-- probe:end -->")[0]
     assert block == markdown(result["r2"]), "docs/probe.md's table differs from docs/probe.json; paste the probe's"
     assert f"--ckpt-dirs {result['config']['ckpt_dirs']} " in text
+
+
+# Words about how the work was organised, which a user has no use for. The
+# patterns are split so that this file does not match them itself.
+WORK_WORDS = re.compile(r"\b(?:iss" r"ues?|sess" r"ions?|accel" r"erator|help" r"ers?)\b", re.I)
+
+
+def product_files() -> list:
+    """Every text file of the product: the documents, the scripts, the code,
+    the tests, the CI script and .gitignore (not data/ or other ignored folders)."""
+    skip = {"data", ".git", ".device-wheels", ".pytest_cache", "__pycache__", "tensorboard"}
+    files = [p for suffix in ("*.md", "*.py", "*.sh", "*.ini", "*.txt") for p in ROOT.rglob(suffix)
+             if not skip & set(p.relative_to(ROOT).parts)]
+    return sorted(files) + [ROOT / ".gitignore", ROOT / ".ci" / "run"]
+
+
+def test_no_word_of_how_the_work_was_organised(tmp_path):
+    found = [f"{p.relative_to(ROOT)}:{i}: {m.group(0)}" for p in product_files()
+             for i, line in enumerate(p.read_text().splitlines(), 1) for m in WORK_WORDS.finditer(line)]
+    assert not found, "\n".join(found)
+    planted = tmp_path / "planted.md"
+    planted.write_text("As the is" "sue asked.\n")
+    assert WORK_WORDS.search(planted.read_text())  # the test can fail

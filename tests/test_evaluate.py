@@ -143,6 +143,7 @@ def test_the_agent_holds_its_actions_as_controller_pt_says(tmp_path):
     result = evaluate.main(Config(ckpt_dir=str(tmp_path), episodes=1, workers=1, max_steps=30,
                                   video=str(video)))
     assert result["steps"] == 30  # frames, as at k = 1
+    assert result["frames"] == [30] and result["laps_finished"] == 0 and result["lap_frames"] is None
     # 10 decisions in 30 frames, every other filmed: 12.5 pictures a second or fewer (at k = 1,
     # every 4th of 30: 8).
     assert iio.imread(video, index=None).shape[0] == 5

@@ -5,15 +5,19 @@ first controller.pt still resumes."""
 
 from __future__ import annotations
 
+import subprocess
 
 import numpy as np
 import pytest
-from conftest import error_line, make_synthetic_rollouts, run_script, write_tiny_world_model
+import torch
+from conftest import error_line, make_synthetic_rollouts, run_script, write_tiny_controller, write_tiny_world_model
 
+import evaluate
 import train_controller
 import train_vae
 from wm.metrics import MetricsLog
-from wm.rollouts import read_rollout, write_rollout
+from wm.cli import UsageError
+from wm.rollouts import read_rollout, read_setting, write_rollout
 from wm.search import Search
 
 
@@ -159,3 +163,115 @@ def test_a_rollout_without_steps_is_skipped_by_v_and_m(tmp_path):
         r = run_script(*args, "--data-dir", str(ro), "--ckpt-dir", str(ckpt), "--epochs", "1")
         assert r.returncode == 0, r.stderr
         assert "rollout_0000099.npz: holds no steps" in r.stderr, args[0]
+
+
+def test_a_resumed_run_uses_its_settings_or_refuses(tmp_path, capsys):
+    """V resumed with another --seed or --val-fraction is refused (they draw
+    its split); with more rollouts in the folder it keeps its split, so no
+    validation rollout is trained on. Collection does not count a rollout
+    of another --policy or --max-steps as one of those asked for."""
+    ro, ckpt = tmp_path / "ro", tmp_path / "ckpt"
+    make_synthetic_rollouts(ro, n=4, steps=16)
+    tiny = dict(data_dir=str(ro), ckpt_dir=str(ckpt), batch_size=16, precision="fp32", val_fraction=0.25)
+    train_vae.main(train_vae.Config(epochs=1, **tiny))
+    first = torch.load(ckpt / "vae_last.pt", weights_only=True)
+    for change, flag in (({"seed": 1}, "--seed 0"), ({"val_fraction": 0.5}, "--val-fraction 0.25")):
+        with pytest.raises(UsageError, match=f"give {flag}, or pass --restart"):
+            train_vae.main(train_vae.Config(epochs=2, **{**tiny, **change}))
+    make_synthetic_rollouts(ro, n=8, steps=16)  # 4 more, of which the default split would hold out 2
+    capsys.readouterr()
+    train_vae.main(train_vae.Config(epochs=2, **tiny))
+    assert "4 rollouts came to" in capsys.readouterr().out
+    last = torch.load(ckpt / "vae_last.pt", weights_only=True)
+    assert last["epoch"] == 2
+    assert (last["train_rollouts"], last["val_rollouts"]) == (first["train_rollouts"], first["val_rollouts"])
+
+    out = tmp_path / "collected"
+    args = ["collect_rollouts.py", "--rollouts", "2", "--max-steps", "20", "--workers", "1",
+            "--policy", "uniform", "--out-dir", str(out)]
+    assert run_script(*args).returncode == 0
+    assert read_setting(out / "rollout_0010000.npz", "policy") == "uniform"
+    for asked, wrong in (("uniform", "brownian"), ("20", "30")):
+        line = error_line(run_script(*[wrong if a == asked else a for a in args]))
+        assert "already holds 2 of these tracks' rollouts collected with" in line and "another --seed" in line
+
+
+@pytest.mark.parametrize("name", ["vae.pt", "mdnrnn.pt", "controller.pt"])
+def test_a_foreign_checkpoint_is_one_line(tmp_path, name):
+    """A checkpoint without model_args, with an unknown one, or with weights
+    of another shape is refused in one line by the stage that reads it."""
+    write_tiny_world_model(tmp_path)
+    write_tiny_controller(tmp_path)
+    good = torch.load(tmp_path / name, weights_only=True)
+    first = next(iter(good["model"]))
+    broken = {"no model_args": {k: v for k, v in good.items() if k != "model_args"},
+              "unknown setting": {**good, "model_args": {**good["model_args"], "colour": "red"}},
+              "wrong shape": {**good, "model": {**good["model"], first: torch.zeros(3, 3)}}}
+    for what, ckpt in broken.items():
+        torch.save(ckpt, tmp_path / name)
+        with pytest.raises(UsageError) as e:
+            evaluate.main(evaluate.Config(ckpt_dir=str(tmp_path), episodes=1, max_steps=5, workers=1))
+        line = str(e.value)
+        assert "\n" not in line
+        assert f"{tmp_path / name} " in line and "rerun" in line, (what, line)
+        assert ("has no model_args" if what == "no model_args" else "does not fit") in line, (what, line)
+
+
+def test_c_whose_fitness_is_not_finite_stops_and_keeps_its_state(tmp_path, monkeypatch):
+    write_tiny_world_model(tmp_path, latent_size=2, hidden_size=2)
+    monkeypatch.setattr(train_controller, "RealFitness", fake_fitness)
+    train_controller.main(controller_config(tmp_path, 1))
+    before = (tmp_path / "controller_es.npz").read_bytes()
+    monkeypatch.setattr(train_controller, "RealFitness",
+                        lambda *a: lambda xs, seeds: (np.array([np.nan] + [0.0] * (len(xs) - 1)), 0))
+    with pytest.raises(UsageError, match="generation 2: 1 members' fitness is not finite"):
+        train_controller.main(controller_config(tmp_path, 2))
+    assert (tmp_path / "controller_es.npz").read_bytes() == before
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a 256 KiB tmpfs (needs the right to mount, as root has)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (not root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def last_line(result) -> str:
+    """The one error line a script ended with, after its progress bars."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_a_full_disk_is_one_line_and_loses_no_result(full_disk, tmp_path):
+    """Collection, V, C and evaluation on a disk that fills up: one line each,
+    the files there as they were, and evaluate.py's scores still printed."""
+    collect = ["collect_rollouts.py", "--rollouts", "3", "--max-steps", "60", "--workers", "1"]
+    line = last_line(run_script(*collect, "--out-dir", str(full_disk / "ro")))
+    assert line.startswith("error: no space left on the disk of") and "free some space" in line
+    make_synthetic_rollouts(tmp_path / "ro", n=3, steps=16)
+    line = last_line(run_script("train_vae.py", "--data-dir", str(tmp_path / "ro"), "--ckpt-dir",
+                                 str(full_disk / "v"), "--epochs", "1", "--batch-size", "16"))
+    assert line.startswith("error: no space left on the disk of") and "vae" in line
+    write_tiny_world_model(tmp_path / "c", latent_size=2, hidden_size=2)
+    write_tiny_controller(tmp_path / "c")
+    (full_disk / "c").mkdir()
+    for name in ("vae.pt", "mdnrnn.pt"):  # V alone is larger than this disk
+        (full_disk / "c" / name).symlink_to(tmp_path / "c" / name)
+    # Every page taken: an empty file still fits (evaluate.py's check at the start), no JSON does.
+    subprocess.run(["dd", "if=/dev/zero", f"of={full_disk / 'filler'}", "bs=4k"], capture_output=True)
+    line = last_line(run_script("train_controller.py", "--ckpt-dir", str(full_disk / "c"), "--pop-size", "4",
+                                "--generations", "1", "--max-steps", "5", "--rollouts-per-member", "1",
+                                "--workers", "1", "--eval-episodes", "1"))
+    assert line.startswith("error: no space left on the disk"), line
+    r = run_script("evaluate.py", "--ckpt-dir", str(tmp_path / "c"), "--episodes", "1", "--max-steps", "5",
+                   "--workers", "1", "--json", str(full_disk / "scores.json"))
+    import json
+
+    line = last_line(r)
+    assert "no space left" in line and "the line of JSON above" in line, line
+    assert json.loads(r.stdout.strip().splitlines()[-1])["episodes"] == 1

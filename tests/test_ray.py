@@ -146,7 +146,7 @@ def test_backend_flags_get_one_line_errors(script, tmp_path, monkeypatch):
 
 
 def test_train_controller_prints_the_same_generation_on_ray_as_locally(local_ray, tmp_path):
-    """The issue's "done when": the command line, each backend in its own
+    """What a user runs: the command line, each backend in its own
     process, the Ray one joining this file's Ray instance."""
     lines = {}
     for backend, flags in (("local", []), ("ray", ["--ray-address", local_ray])):

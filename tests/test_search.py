@@ -112,3 +112,15 @@ def test_a_state_file_never_runs_code_and_a_foreign_one_is_one_line(tmp_path):
     Search.start(np.zeros(75), 0.1, 4, 1).save(path, {"generation": 1})
     with pytest.raises(UsageError, match="not a CMA-ES state of train_controller.py"):
         train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4))
+    # A list where the record should be, and a state with an array cut out of it.
+    with open(path, "wb") as f:
+        np.savez(f, meta=np.array("[1, 2]"))
+    with pytest.raises(UsageError, match="pass --restart"):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4))
+    Search.start(np.zeros(75), 0.1, 4, 1).save(path, {"generation": 1})
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files if not k.endswith("_x0")}
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(UsageError, match="not a whole CMA-ES state.*pass --restart"):
+        train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4))

@@ -99,7 +99,25 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
         raise fail(f"{path} is not a checkpoint of this repository; rerun {maker}")
     if kind is not None and ckpt.get("kind", kind) != kind:
         raise fail(f"{path} holds a {ckpt.get('kind')} checkpoint, expected {kind}")
+    if kind in MAKERS:
+        check_fits(path, kind, ckpt)
     return ckpt
+
+
+def check_fits(path: Path, kind: str, ckpt: dict[str, Any]) -> None:
+    """One line, not a traceback from deep inside torch, for a checkpoint
+    whose settings or tensors are not this repository's model's: no
+    `model_args`, an unknown one, or weights of another shape."""
+    import models  # here: the models are not needed to read a file
+
+    cls = {"vae": models.ConvVAE, "mdnrnn": models.MDNRNN, "controller": models.Controller}[kind]
+    try:
+        cls.from_checkpoint(ckpt)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        what = "has no model_args" if "model_args" not in ckpt else f"does not fit the {kind} model"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise fail(f"{path} {what} ({first}); it was not written by this repository's "
+                   f"{MAKERS[kind]}: rerun it") from None
 
 
 def keep_finished(best: str | os.PathLike, last: str | os.PathLike, restart: bool) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import inspect
 import json
 import math
@@ -54,6 +55,12 @@ def run_main(main: Callable[[Any], Any], config_cls: type, argv: list[str] | Non
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on the disk ({e.filename or e}); free some space and run the command "
+              f"again", file=sys.stderr)
+        sys.exit(2)
 
 
 def _field_comments(cls: type) -> dict[str, str]:

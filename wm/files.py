@@ -10,9 +10,11 @@ traceback hours later.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,8 +42,24 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> N
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        if disk_full(e, path.parent):
+            raise fail(f"no space left on the disk of {path.parent} to write {path.name}; free some space "
+                       f"and run the command again ({path.name} there is as it was)") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether a write failed for want of space: ENOSPC, or (torch.save says
+    only "unexpected pos") under 1 MiB left on the folder's disk."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
 
 
 @contextmanager

@@ -39,7 +39,7 @@ import traceback
 from multiprocessing.connection import wait
 from typing import Any, Callable, Sequence
 
-from wm.cli import fail
+from wm.cli import UsageError, fail
 
 BACKENDS = ("local", "ray")
 
@@ -93,6 +93,9 @@ def _worker_main(conn, factory: Callable, args: tuple) -> None:
         try:
             inject_fault(fault)
             conn.send(("ok", (index, runner(*task_args))))
+        except UsageError as e:  # a full disk, say: its one line, not a traceback
+            conn.send(("usage", e.message))
+            return
         except BaseException:
             conn.send(("error", traceback.format_exc()))
             return
@@ -200,6 +203,8 @@ class WorkerPool(Pool):
                 kind, payload = self.conns[i].recv() if self.conns[i].poll() else ("died", None)
             except EOFError:
                 kind, payload = "died", None
+            if kind == "usage":
+                raise fail(payload)
             if kind == "error":
                 raise WorkerError(f"worker {i} failed {doing}:\n{payload.rstrip()}")
             if kind == "died":

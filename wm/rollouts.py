@@ -92,8 +92,11 @@ def read_rollout(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 # Settings a rollout records beside its arrays, each only when it is not its
 # default, which a file without it has (files from before the setting existed).
-SETTINGS = {"action_repeat": 1, "view": "road"}
-FLAGS = {"action_repeat": "--action-repeat", "view": "--view"}  # collect_rollouts.py's
+# What a rollout records of how it was collected, and its value in a file
+# that does not say (older files: None, not known).
+SETTINGS = {"action_repeat": 1, "view": "road", "policy": None, "max_steps": None}
+FLAGS = {"action_repeat": "--action-repeat", "view": "--view", "policy": "--policy",
+         "max_steps": "--max-steps"}  # collect_rollouts.py's
 
 
 def read_setting(path: str | os.PathLike, key: str) -> int | str:

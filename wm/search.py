@@ -192,22 +192,26 @@ class Search:
                           "told": files[f"s{i}_told"]} for i, m in enumerate(meta["stretches"])]
         except (*NPZ_ERRORS, json.JSONDecodeError, TypeError) as e:
             raise BadState(f"{path} is not a readable CMA-ES state ({type(e).__name__}: {e})") from None
-        if meta.get("format") != 1 or not stretches:
+        if not isinstance(meta, dict) or meta.get("format") != 1 or not stretches:
             raise BadState(f"{path} is not a CMA-ES state of this repository")
         search = cls()
         total = sum(len(s["told"]) for s in stretches)
-        with tqdm(total=total, desc="replaying CMA-ES", unit="gen", leave=False, disable=not progress) as bar:
-            for s in stretches:
-                m, a = s["meta"], s["arrays"]
-                snapshot = ({**{k: v for k, v in a.items() if k not in ("x0", "rng_keys")},
-                             "counters": m["counters"], "adapt_sigma": m["adapt_sigma"]}
-                            if "counters" in m else None)
-                search._begin(a["x0"], m["sigma0"], m["popsize"], m["seed"], snapshot, rng=(a["rng_keys"], m["rng"]))
-                search.stretches[-1]["meta"]["sigma_set"] = m["sigma_set"]
-                for values in s["told"]:
-                    search.tell(search._ask(), values)
-                    bar.update()
-        return search, meta["info"]
+        try:
+            with tqdm(total=total, desc="replaying CMA-ES", unit="gen", leave=False, disable=not progress) as bar:
+                for s in stretches:
+                    m, a = s["meta"], s["arrays"]
+                    snapshot = ({**{k: v for k, v in a.items() if k not in ("x0", "rng_keys")},
+                                 "counters": m["counters"], "adapt_sigma": m["adapt_sigma"]}
+                                if "counters" in m else None)
+                    search._begin(a["x0"], m["sigma0"], m["popsize"], m["seed"], snapshot,
+                                  rng=(a["rng_keys"], m["rng"]))
+                    search.stretches[-1]["meta"]["sigma_set"] = m["sigma_set"]
+                    for values in s["told"]:
+                        search.tell(search._ask(), values)
+                        bar.update()
+            return search, meta["info"]
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # a damaged or foreign state
+            raise BadState(f"{path} is not a whole CMA-ES state ({type(e).__name__}: {e})") from None
 
 
 def _save_npz_to(tmp: Path, arrays: dict) -> None:
