@@ -10,7 +10,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import error_line, make_synthetic_rollouts, run_script, write_tiny_controller, write_tiny_world_model
+from conftest import (error_line, make_synthetic_rollouts, run_script, write_tiny_controller,
+                      write_tiny_world_model)
 
 import evaluate
 import train_controller
