@@ -141,6 +141,13 @@ def check_config(cfg: Config) -> Path:
     return writable_folder(cfg.out_dir, "--out-dir")
 
 
+def other_setting(files: list[Path], key: str, asked) -> tuple | None:
+    """(a value, its files) of the `files` recorded with another `key` than
+    `asked`, or None; a file too old to say (None) is taken as it is."""
+    other = {v: found for v, found in by_setting(files, key).items() if v not in (asked, None)}
+    return min(other.items()) if other else None  # one key's values share a type
+
+
 def check_folder_settings(out: Path, cfg: Config) -> None:
     """Refuse a folder that already holds rollouts of another k or view:
     reusing them would mix kinds, and redoing them would destroy another
@@ -148,9 +155,8 @@ def check_folder_settings(out: Path, cfg: Config) -> None:
     files = sorted(out.glob("rollout_*.npz"))
     for key in ("action_repeat", "view"):
         asked = getattr(cfg, key)
-        other = {v: found for v, found in by_setting(files, key).items() if v != asked}
-        if other:
-            v, found = min(other.items())
+        if other := other_setting(files, key, asked):
+            v, found = other
             raise fail(f"{out} holds {len(found)} rollouts collected with {FLAGS[key]} {v} (e.g. "
                        f"{found[0].name}); collect {FLAGS[key]} {asked} into another --out-dir, "
                        f"or delete those files")
@@ -163,9 +169,8 @@ def check_kept_rollouts(out: Path, cfg: Config, seeds: list[int]) -> None:
     files = [rollout_path(out, s) for s in seeds]
     for key in ("policy", "max_steps"):
         asked = getattr(cfg, key)
-        other = {v: found for v, found in by_setting(files, key).items() if v not in (asked, None)}
-        if other:
-            v, found = min(other.items(), key=lambda item: str(item[0]))
+        if other := other_setting(files, key, asked):
+            v, found = other
             raise fail(f"{out} already holds {len(found)} of these tracks' rollouts collected with "
                        f"{FLAGS[key]} {v} (e.g. {found[0].name}); collect {FLAGS[key]} {asked} with another "
                        f"--seed or --out-dir, or delete those files")

@@ -23,7 +23,8 @@ run folders, which records the arm, its V and M, and the frame skip.
 changes sign from one decision to the next (a bang-bang driver's flips), mean
 |steer|, gas and brake, and the top speed (wm.env.DrivingLog).
 
---backend ray scores the episodes on the actors of a Ray cluster (docs/scaling.md), with the same scores.
+--backend ray scores the episodes on the actors of a Ray cluster
+(docs/scaling.md), with the same scores.
 
 usage: python evaluate.py --ckpt-dir checkpoints --episodes 100 --json scores.json --video drive.mp4
 """

@@ -20,7 +20,8 @@ fresh search at another controller.pt's weights, such as a C trained in M's
 dream, instead of zeros),
 controller_metrics.csv and controller_reward.png.
 
---backend ray runs the workers as actors on a Ray cluster instead (docs/scaling.md); the same seeds give the same fitness on either.
+--backend ray runs the workers as actors on a Ray cluster instead
+(docs/scaling.md); the same seeds give the same fitness on either.
 
 --mode dream scores the members inside M instead (wm/dream.py): the whole
 population dreams at once, from the first frames of the rollouts in

@@ -107,17 +107,27 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
 def check_fits(path: Path, kind: str, ckpt: dict[str, Any]) -> None:
     """One line, not a traceback from deep inside torch, for a checkpoint
     whose settings or tensors are not this repository's model's: no
-    `model_args`, an unknown one, or weights of another shape."""
+    `model_args`, an unknown one, or weights of another shape. The model is
+    built on the meta device, without memory or weights, so a load does not
+    build it twice."""
     import models  # here: the models are not needed to read a file
 
-    cls = {"vae": models.ConvVAE, "mdnrnn": models.MDNRNN, "controller": models.Controller}[kind]
-    try:
-        cls.from_checkpoint(ckpt)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        what = "has no model_args" if "model_args" not in ckpt else f"does not fit the {kind} model"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise fail(f"{path} {what} ({first}); it was not written by this repository's "
-                   f"{MAKERS[kind]}: rerun it") from None
+    cls, config = {"vae": (models.ConvVAE, models.VAEConfig), "mdnrnn": (models.MDNRNN, models.MDNRNNConfig),
+                   "controller": (models.Controller, models.ControllerConfig)}[kind]
+    if not isinstance(ckpt.get("model_args"), dict):
+        problem = "has no model_args"
+    else:
+        try:
+            with torch.device("meta"):
+                expected = {k: tuple(v.shape) for k, v in cls(config(**ckpt["model_args"])).state_dict().items()}
+            saved = {k: tuple(getattr(v, "shape", ())) for k, v in ckpt["model"].items()}
+            wrong = sorted(set(expected) ^ set(saved)) or [k for k in expected if expected[k] != saved[k]]
+            problem = (f"does not fit the {kind} model ({wrong[0]}: {saved.get(wrong[0])} saved, "
+                       f"{expected.get(wrong[0])} in the model)") if wrong else None
+        except (TypeError, ValueError, AttributeError) as e:  # an unknown setting, or a nonsense one
+            problem = f"does not fit the {kind} model ({str(e).strip().splitlines()[0] or type(e).__name__})"
+    if problem:
+        raise fail(f"{path} {problem}; it was not written by this repository's {MAKERS[kind]}: rerun it")
 
 
 def keep_finished(best: str | os.PathLike, last: str | os.PathLike, restart: bool) -> None:

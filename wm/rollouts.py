@@ -90,10 +90,10 @@ def read_rollout(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return data
 
 
-# Settings a rollout records beside its arrays, each only when it is not its
-# default, which a file without it has (files from before the setting existed).
-# What a rollout records of how it was collected, and its value in a file
-# that does not say (older files: None, not known).
+# Settings a rollout records beside its arrays, and the value a file without
+# one has: k and the view are recorded only when not their default (files from
+# before they existed); the policy and the time limit always (older files: None,
+# not known).
 SETTINGS = {"action_repeat": 1, "view": "road", "policy": None, "max_steps": None}
 FLAGS = {"action_repeat": "--action-repeat", "view": "--view", "policy": "--policy",
          "max_steps": "--max-steps"}  # collect_rollouts.py's
