@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from wm.cli import fail, run_main
+from wm.cli import AT_LEAST_1, NON_NEGATIVE, fail, run_main
 from wm.env import COLLECT_SEED, EVAL_SEED, HELD_OUT_SEED, MAX_EPISODE_STEPS, TRAIN_SEED, make_env, step_repeat
 from wm.files import locked, writable_folder
 from wm.frames import VIEWS, preprocess
@@ -49,7 +49,7 @@ from wm.rollouts import (FLAGS, by_setting, is_complete, remove_stale_temporarie
 
 @dataclass
 class Config:
-    rollouts: int = 200  # episodes to collect (paper: 10,000; 200 gave 200,000 frames here)
+    rollouts: int = 300  # episodes to collect (paper: 10,000)
     max_steps: int = MAX_EPISODE_STEPS  # frames per episode at most (the environment's limit)
     workers: int = os.cpu_count() or 1  # parallel processes, or Ray actors with --backend ray (default: all cores)
     out_dir: str = "data/rollouts"  # where the .npz files go
@@ -57,10 +57,14 @@ class Config:
     policy: str = "brownian"  # brownian (smoothed random walk), uniform (independent actions), pursuit (follows the road at a random speed) or controller (a trained C, with --noise)
     ckpt_dir: str = ""  # --policy controller: the folder whose controller.pt, vae.pt and mdnrnn.pt drive
     noise: float = 0.1  # --policy controller: std of the Gaussian noise added to each of C's actions (lucid-dream-racer: 0.1)
-    action_repeat: int = 1  # frames each action is held; M and C then work at this rate (the paper: 1)
-    view: str = "road"  # what of the frame is kept (wm/frames.py): road (the paper's crop) or full (with the dashboard); V learns this view
+    action_repeat: int = 2  # frames each action is held; M and C then work at this rate (the paper: 1)
+    view: str = "full"  # what of the frame is kept (wm/frames.py): road (the paper's crop) or full (with the dashboard); V learns this view
     backend: str = "local"  # where the workers run: local = processes here, ray = actors on a Ray cluster
     ray_address: str = ""  # --backend ray: empty joins the Ray running here or starts one, auto joins a running cluster, or HOST:PORT
+
+    # The range of each number option, checked in one line before main runs.
+    RANGES = {"rollouts": AT_LEAST_1, "max_steps": AT_LEAST_1, "workers": AT_LEAST_1, "seed": NON_NEGATIVE,
+              "noise": NON_NEGATIVE}
 
 
 def collect_one(seed: int, max_steps: int, policy: str, action_repeat: int = 1,

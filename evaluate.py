@@ -16,7 +16,7 @@ the running score, so a person sees at once what the agent sees.
 
 The agent holds each action for the frames that controller.pt records (its
 action repeat; 1 for files from before it, and for the random baseline).
---policy ppo scores a PPO baseline instead: --ckpt-dir is one of train_ppo.py's
+--policy ppo scores a PPO baseline instead: --ckpt-dir is one of experiments/train_ppo.py's
 run folders, which records the arm, its V and M, and the frame skip.
 
 --drive-stats also says how each episode was driven: how often the steering
@@ -31,6 +31,7 @@ usage: python evaluate.py --ckpt-dir checkpoints --episodes 100 --json scores.js
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -45,16 +46,17 @@ from models.controller import Controller, ControllerConfig
 from wm.agent import (AgentSpec, EpisodeRunner, build_agent, check_trained_with, load_models, map_episodes,
                       run_episode, run_episodes)
 from wm.checkpoint import load_checkpoint, recorded_tracks
-from wm.cli import UsageError, fail, resolve_device, run_main
+from wm.cli import AT_LEAST_1, NON_NEGATIVE, fail, resolve_device, run_main, UsageError
 from wm.env import EVAL_SEED, DrivingLog, make_env
 from wm.files import writable_file, write_atomically
 from wm.frames import to_image
+from wm.metrics import interquartile_mean
 from wm.pool import WorkerError, check_backend, make_pool
 
 
 @dataclass
 class Config:
-    ckpt_dir: str = "checkpoints"  # folder of controller.pt, vae.pt and mdnrnn.pt, or a train_ppo.py run folder
+    ckpt_dir: str = "checkpoints"  # folder of controller.pt, vae.pt and mdnrnn.pt, or a experiments/train_ppo.py run folder
     policy: str = "agent"  # agent (V, M and C), random (the baseline, needs no checkpoints) or ppo (a PPO baseline)
     episodes: int = 100  # episodes, one track each (the paper: 100)
     seed: int = EVAL_SEED  # episode i drives the track of seed + i; 0-9,999 are evaluation's own tracks (wm/env.py)
@@ -69,6 +71,10 @@ class Config:
     device: str = "auto"  # auto, cpu or cuda, for the episodes run in this process
     backend: str = "local"  # where the workers run: local = processes here, ray = actors on a Ray cluster
     ray_address: str = ""  # --backend ray: empty joins the Ray running here or starts one, auto joins a running cluster, or HOST:PORT
+
+    # The range of each number option, checked in one line before main runs.
+    RANGES = {"episodes": AT_LEAST_1, "seed": NON_NEGATIVE, "workers": AT_LEAST_1, "batch_size": AT_LEAST_1,
+              "max_steps": AT_LEAST_1}
 
 
 def in_process_flag(cfg: Config) -> str | None:
@@ -98,11 +104,11 @@ def agent_spec(cfg: Config) -> tuple[AgentSpec, np.ndarray | None]:
     if cfg.policy == "random":
         return spec, None
     if cfg.policy == "ppo":  # the run records its arm, V and M, and the frames each action is held
-        from wm.ppo import read_run
+        from wm.ppo import PPOAgent, read_run
 
         run = read_run(cfg.ckpt_dir)
-        spec.ckpt_dir, spec.ppo, spec.action_repeat = str(cfg.ckpt_dir), True, run["frame_skip"]
-        spec.stochastic = cfg.stochastic
+        spec.ckpt_dir, spec.action_repeat = str(cfg.ckpt_dir), run["frame_skip"]
+        spec.load = functools.partial(PPOAgent.load, str(cfg.ckpt_dir), stochastic=cfg.stochastic)
         build_agent(spec)  # a run trained on another V or M is refused here, before any worker starts
         print(f"PPO on {run['arm']}, seed {run['seed']}, {run['frames_trained']:,} frames of training, "
               f"each action held {run['frame_skip']} frames, "
@@ -122,17 +128,21 @@ def agent_spec(cfg: Config) -> tuple[AgentSpec, np.ndarray | None]:
 
 
 class VideoRecorder:
-    """Frames of one episode: real frame | V's reconstruction | M's prediction, and the score.
+    """Frames of one episode: the game's frame at its own size (600 × 400),
+    then V's reconstruction and M's prediction of what V sees (64 × 64,
+    scaled up to the same height), and the step and the score under them.
 
     It sees the frames the agent sees, one every `action_repeat` game frames,
-    and keeps one in `every` of them; the video plays at the game's speed."""
+    and keeps one in `every` of them; the video plays at the game's speed.
+    The game's frame is `env.render()` of an env made with render_mode
+    "rgb_array"; another env's gives the agent's own frame, scaled up."""
 
-    PANEL = 128  # pixels per panel
-    BAND = 16  # pixels of text under the panels; 128 + 16 is a multiple of 16, as video codecs like
+    WIDTH, HEIGHT = 600, 400  # CarRacing's window
+    BAND = 16  # pixels of text under the panels; 400 + 16 is a multiple of 16, as video codecs like
 
-    def __init__(self, path: str | Path, every: int = 1, action_repeat: int = 1):
+    def __init__(self, path: str | Path, every: int = 1, action_repeat: int = 1, env=None):
         self.path, self.every, self.frames, self.step = Path(path), every, [], 0
-        self.action_repeat = action_repeat
+        self.action_repeat, self.env = action_repeat, env
 
     def __call__(self, frame: np.ndarray, agent, score: float) -> None:
         self.step += 1
@@ -140,26 +150,29 @@ class VideoRecorder:
             return
         from PIL import Image, ImageDraw
 
-        P = self.PANEL
-        canvas = Image.new("RGB", (3 * P, P + self.BAND))
-        canvas.paste(Image.fromarray(frame).resize((P, P), Image.BILINEAR), (0, 0))
+        W, H = self.WIDTH, self.HEIGHT
+        canvas = Image.new("RGB", (W + 2 * H, H + self.BAND))
+        game = self.env.render() if self.env is not None and self.env.render_mode == "rgb_array" else None
+        if game is None:
+            game = np.asarray(Image.fromarray(frame).resize((W, H), Image.BILINEAR))
+        canvas.paste(Image.fromarray(game), (0, 0))
         vae = getattr(agent, "vae", None)
         if vae is not None:
             with torch.inference_mode():
-                canvas.paste(self._picture(vae.decode(agent.z)), (P, 0))
+                canvas.paste(self._picture(vae.decode(agent.z)), (W, 0))
                 if agent.predicted is not None:
                     z_pred = agent.mdnrnn.sample_next_z(agent.predicted, temperature=0)  # (1, Z)
-                    canvas.paste(self._picture(vae.decode(z_pred)), (2 * P, 0))
+                    canvas.paste(self._picture(vae.decode(z_pred)), (W + H, 0))
         draw = ImageDraw.Draw(canvas)
-        for i, label in enumerate(("real", "V", "M")):
-            draw.text((i * P + 3, 2), label, fill="white")
-        draw.text((3, P + 2), f"step {(self.step - 1) * self.action_repeat}   score {score:7.1f}", fill="white")
+        for x, label in ((0, "the game"), (W, "V"), (W + H, "M")):
+            draw.text((x + 4, 3), label, fill="white")
+        draw.text((4, H + 2), f"step {(self.step - 1) * self.action_repeat}   score {score:7.1f}", fill="white")
         self.frames.append(np.asarray(canvas))
 
     def _picture(self, x: torch.Tensor):
         from PIL import Image
 
-        return Image.fromarray(to_image(x)[0]).resize((self.PANEL, self.PANEL), Image.NEAREST)
+        return Image.fromarray(to_image(x)[0]).resize((self.HEIGHT, self.HEIGHT), Image.NEAREST)
 
     def save(self) -> None:
         import imageio.v3 as iio
@@ -178,22 +191,7 @@ class VideoRecorder:
                 loop=0))
         else:
             write_atomically(self.path, lambda tmp: iio.imwrite(
-                tmp, np.stack(self.frames), fps=50 / frames))
-
-
-def interquartile_mean(scores: list[float]) -> tuple[float, tuple[float, float]]:
-    """The mean of the middle half of the scores, and its 95% bootstrap
-    confidence interval (scipy's BCa over 10,000 resamples, fixed seed): the
-    summary that rliable recommends and lucid-dream-racer reports."""
-    from scipy import stats
-
-    x = np.asarray(scores, dtype=np.float64)
-    iqm = lambda x, axis=-1: stats.trim_mean(x, 0.25, axis=axis)  # noqa: E731
-    if len(x) < 2 or np.ptp(x) == 0:  # no spread, nothing to resample
-        return float(iqm(x)), (float(x.min()), float(x.max()))
-    ci = stats.bootstrap((x,), iqm, n_resamples=10_000, confidence_level=0.95,
-                         rng=np.random.default_rng(0)).confidence_interval
-    return float(iqm(x)), (float(ci.low), float(ci.high))
+                tmp, np.stack(self.frames), fps=50 / frames, macro_block_size=8))  # 1400 x 416
 
 
 def world_model_tracks(cfg: Config, spec: AgentSpec) -> dict[str, set]:
@@ -268,9 +266,12 @@ def main(cfg: Config) -> dict:
         if cfg.video:  # the filmed episode alone
             # Every frame the agent sees, but at most 25 a second in a GIF.
             every = -(-4 // spec.action_repeat) if cfg.video.lower().endswith(".gif") else 1
-            video = VideoRecorder(cfg.video, every, spec.action_repeat)
-            report(0, run_episode(envs[0], agent, seeds[0], on_step=video, action_repeat=spec.action_repeat),
-                   envs[0])
+            film = envs[0] if cfg.render == "human" else new_env(fast=False, render_mode="rgb_array",
+                                                                  max_steps=cfg.max_steps)
+            video = VideoRecorder(cfg.video, every, spec.action_repeat, film)
+            report(0, run_episode(film, agent, seeds[0], on_step=video, action_repeat=spec.action_repeat), film)
+            if film is not envs[0]:
+                film.close()
             video.save()
             print(f"video of episode 1 saved to {cfg.video}")
         if in_process:

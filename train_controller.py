@@ -53,7 +53,7 @@ from tqdm import tqdm
 from models.controller import FEATURES, Controller, ControllerConfig
 from wm.agent import AgentSpec, EpisodeRunner, check_trained_with, load_models, map_episodes
 from wm.checkpoint import keep_finished, load_checkpoint, save_checkpoint
-from wm.cli import fail, resolve_device, run_main
+from wm.cli import AT_LEAST_1, AT_LEAST_2, NON_NEGATIVE, POSITIVE, fail, resolve_device, run_main
 from wm.dream import make_dream, save_dream_strip
 from wm.env import HELD_OUT_SEED, SEED_LIMIT, TRAIN_SEED  # the track-seed ranges
 from wm.files import locked, writable_folder
@@ -66,19 +66,19 @@ from wm.search import BadState, Search
 class Config:
     ckpt_dir: str = "checkpoints"  # reads vae.pt and mdnrnn.pt, writes controller.pt and the rest here
     features: str = "zh"  # C's input: zh = [z, h] (the paper), z = V alone, z-hidden = z through 40 tanh units
-    pop_size: int = 64  # CMA-ES population (the paper: 64); another one on a resume goes on from the mean and step size
-    rollouts_per_member: int = 16  # episodes per member; fitness is their mean (the paper: 16)
+    pop_size: int = 32  # CMA-ES population (the paper: 64); another one on a resume goes on from the mean and step size
+    rollouts_per_member: int = 4  # episodes per member; fitness is their mean (the paper: 16)
     sigma0: float = 0.1  # CMA-ES initial step size (the paper: 0.1)
     reset_sigma: float = 0.0  # on a resume, set CMA-ES's step size to this once, mean and covariance kept (0: keep it); widens a search that has narrowed too early
-    generations: int = 100  # total generations, counting those already done before a resume
+    generations: int = 300  # total generations, counting those already done before a resume
     workers: int = os.cpu_count() or 1  # worker processes (Ray actors with --backend ray), each with its own environments
     batch_size: int = 16  # episodes a worker drives at once in lockstep, V, M and C batched over them
     max_steps: int = 1000  # time limit of an episode, in frames (the paper: 1000)
     action_repeat: int = 0  # frames each action is held; 0: M's (features zh, or dream mode), else 1 (the paper: 1)
     race: bool = False  # real mode: successive halving; every member drives the first half of the tracks, only the better half drives the rest and ranks above the others (fitness: the mean over the tracks it drove)
-    patience: int = 0  # real mode: a training episode ends after this many frames without a positive reward, charged -0.1 a frame left (0: never, the paper; held-out never)
-    eval_every: int = 10  # score the CMA-ES mean on held-out tracks every this many generations (the paper: 25)
-    eval_episodes: int = 16  # held-out tracks (the paper: 1024)
+    patience: int = 200  # real mode: a training episode ends after this many frames without a positive reward, charged -0.1 a frame left (0: never, the paper; held-out never)
+    eval_every: int = 5  # score the CMA-ES mean on held-out tracks every this many generations (the paper: 25)
+    eval_episodes: int = 48  # held-out tracks (the paper: 1024)
     seed: int = 0  # seeds CMA-ES and the choice of training tracks
     restart: bool = False  # ignore controller_es.npz and start from scratch (else a rerun resumes)
     init_from: str = ""  # a fresh start's CMA-ES mean: this controller.pt's weights instead of zeros (a warm start, e.g. from a C trained in M's dream)
@@ -89,6 +89,13 @@ class Config:
     bf16: bool = False  # dream: M's matrix products in bfloat16, 2-3x faster on CPUs with bf16 instructions, ~3 digits
     backend: str = "local"  # where the workers run: local = processes here, ray = actors on a Ray cluster
     ray_address: str = ""  # --backend ray: empty joins the Ray running here or starts one, auto joins a running cluster, or HOST:PORT
+
+    # The range of each number option, checked in one line before main runs.
+    RANGES = {"pop_size": AT_LEAST_2, "rollouts_per_member": AT_LEAST_1, "sigma0": POSITIVE,
+              "reset_sigma": NON_NEGATIVE, "generations": AT_LEAST_1, "workers": AT_LEAST_1,
+              "batch_size": AT_LEAST_1, "max_steps": AT_LEAST_1, "patience": NON_NEGATIVE,
+              "eval_every": AT_LEAST_1, "eval_episodes": AT_LEAST_1, "seed": NON_NEGATIVE,
+              "temperature": POSITIVE}
 
 
 def train_seeds(seed: int, generation: int, n: int) -> list[int]:

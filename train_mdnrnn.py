@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from models import MDNRNN, ConvVAE, MDNRNNConfig, mdn_loss
 from wm.checkpoint import keep_finished, load_checkpoint, recorded_tracks, resume_training, save_checkpoint
-from wm.cli import fail, resolve_device, run_main
+from wm.cli import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, fail, resolve_device, run_main
 from wm.files import locked, writable_folder
 from wm.frames import to_image
 from wm.latents import check_latent_size, encode_rollouts
@@ -62,6 +62,13 @@ class Config:
     restart: bool = False  # ignore mdnrnn_last.pt and start from scratch (else a rerun resumes)
     seed: int = 0  # data split, batch order and z sampling
     device: str = "auto"  # auto, cpu or cuda
+
+    # The range of each number option, checked in one line before main runs.
+    RANGES = {"epochs": AT_LEAST_1, "seq_len": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr": POSITIVE,
+              "grad_clip": POSITIVE, "hidden_size": AT_LEAST_1, "n_gaussians": AT_LEAST_1,
+              "reward_weight": NON_NEGATIVE, "done_weight": NON_NEGATIVE, "val_fraction": FRACTION,
+              "encode_batch": AT_LEAST_1, "strip_steps": AT_LEAST_1, "strip_every": AT_LEAST_1,
+              "strip_start": NON_NEGATIVE, "dream_temperature": POSITIVE, "seed": NON_NEGATIVE}
 
 
 def make_windows(latents: list[dict], seq_len: int) -> dict[str, torch.Tensor]:

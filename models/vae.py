@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import vae_cpu as cpu
+
 
 @dataclass
 class VAEConfig:
@@ -24,44 +26,32 @@ class ConvVAE(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
+        # The paper's layers. Four are torch's own in a form CPUs run faster
+        # (models/vae_cpu.py): the same parameters and the same numbers.
         # Encoder: four stride-2 convolutions, 64 -> 31 -> 14 -> 6 -> 2 pixels.
         self.enc = nn.ModuleList([
             nn.Conv2d(3, 32, 4, stride=2),
             nn.Conv2d(32, 64, 4, stride=2),
             nn.Conv2d(64, 128, 4, stride=2),
-            nn.Conv2d(128, 256, 4, stride=2),
+            cpu.PatchConv2d(128, 256, 4, stride=2),
         ])
         self.fc_mu = nn.Linear(1024, cfg.latent_size)
         self.fc_logvar = nn.Linear(1024, cfg.latent_size)
         # Decoder: z -> 1024 numbers seen as a 1x1 image, then 1 -> 5 -> 13 -> 30 -> 64 pixels.
         self.fc_dec = nn.Linear(cfg.latent_size, 1024)
         self.dec = nn.ModuleList([
-            nn.ConvTranspose2d(1024, 128, 5, stride=2),
-            nn.ConvTranspose2d(128, 64, 5, stride=2),
+            cpu.PointConvTranspose2d(1024, 128, 5, stride=2),
+            cpu.UnfusedBiasConvTranspose2d(128, 64, 5, stride=2),
             nn.ConvTranspose2d(64, 32, 6, stride=2),
-            nn.ConvTranspose2d(32, 3, 6, stride=2),
+            cpu.SubpixelConvTranspose2d(32, 3, 6, stride=2),
         ])
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, 64, 64) frames in [0, 1] -> mu, logvar, each (B, Z)."""
         h = x
-        if not _cpu_forms(x):
-            for conv in self.enc:
-                h = F.relu(conv(h))  # (B, 256, 2, 2) after the last
-            h = h.flatten(1)  # (B, 1024)
-            return _at_least_fp32(self.fc_mu(h)), _at_least_fp32(self.fc_logvar(h))  # (B, Z) each
-        for conv in self.enc[:-1]:
-            h = F.relu(conv(h))  # (B, 128, 6, 6) after the third
-        # The last convolution sees 6x6 pixels and gives 2x2: its four input
-        # patches go through one matrix product, which CPUs run several times
-        # faster than oneDNN's weight gradient for this shape. Same numbers.
-        last = self.enc[-1]
-        k, s = last.kernel_size[0], last.stride[0]
-        n = (h.shape[-1] - k) // s + 1  # 2
-        patches = torch.stack([h[..., i * s:i * s + k, j * s:j * s + k]
-                               for i in range(n) for j in range(n)], dim=1)  # (B, 4, 128, 4, 4)
-        h = F.relu(patches.flatten(2) @ last.weight.flatten(1).t() + last.bias)  # (B, 4, 256)
-        h = h.transpose(1, 2).flatten(1)  # (B, 1024), ordered as the layer's (channel, row, column)
+        for conv in self.enc:
+            h = F.relu(conv(h))  # (B, 256, 2, 2) after the last
+        h = h.flatten(1)  # (B, 1024)
         # float32 even under bf16 autocast: z and the KL need the precision.
         return _at_least_fp32(self.fc_mu(h)), _at_least_fp32(self.fc_logvar(h))  # (B, Z) each
 
@@ -72,24 +62,10 @@ class ConvVAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, Z) -> (B, 3, 64, 64) frames in [0, 1]."""
-        h = self.fc_dec(z)  # (B, 1024)
-        if not _cpu_forms(h):
-            h = h[:, :, None, None]  # (B, 1024, 1, 1)
-            for i, deconv in enumerate(self.dec):
-                h = deconv(h)
-                h = torch.sigmoid(_at_least_fp32(h)) if i == len(self.dec) - 1 else F.relu(h)
-            return h  # (B, 3, 64, 64)
-        # The first transposed convolution sees a 1x1 image, so it is a matrix
-        # product; computed as one it is several times faster on CPUs (the
-        # oneDNN kernel is slow for this shape). Same weights, same numbers.
-        first = self.dec[0]
-        h = (h @ first.weight.flatten(1)).view(-1, first.out_channels, *first.kernel_size)  # (B, 128, 5, 5)
-        h = F.relu(h + first.bias[:, None, None])
-        h = F.relu(_unfused_bias(self.dec[1], h))  # (B, 64, 13, 13)
-        h = F.relu(self.dec[2](h))  # (B, 32, 30, 30)
-        last = self.dec[3]
-        h = _SubpixelDeconv.apply(h, last.weight.to(h.dtype), last.bias.to(h.dtype))  # (B, 3, 64, 64)
-        return torch.sigmoid(_at_least_fp32(h))  # (B, 3, 64, 64)
+        h = self.fc_dec(z)[:, :, None, None]  # (B, 1024, 1, 1)
+        for deconv in self.dec[:-1]:
+            h = F.relu(deconv(h))  # (B, 32, 30, 30) after the third
+        return torch.sigmoid(_at_least_fp32(self.dec[-1](h)))  # (B, 3, 64, 64)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, logvar = self.encode(x)
@@ -101,49 +77,6 @@ class ConvVAE(nn.Module):
         model = cls(VAEConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
         return model
-
-
-def _cpu_forms(x: torch.Tensor) -> bool:
-    """Whether to compute the layers in the forms below that CPUs run faster
-    (same weights, same numbers). On a GPU the layers are called as they are:
-    cuDNN's own kernels were faster there (bench.py vae --device cuda on an
-    H200, batch 100: 21,600 images/s against 17,800 with these forms)."""
-    return x.device.type == "cpu"
-
-
-def _unfused_bias(deconv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
-    """deconv(x) with the bias added after the transposed convolution: for the
-    second layer, oneDNN's kernel with a fused bias takes about twice as long
-    on CPUs, in bf16 and in fp32 alike. Same numbers."""
-    return F.conv_transpose2d(x, deconv.weight, stride=deconv.stride) + deconv.bias[:, None, None]
-
-
-class _SubpixelDeconv(torch.autograd.Function):
-    """A stride-2 transposed convolution with an even kernel, whose forward
-    pass is an ordinary convolution followed by a pixel shuffle.
-
-    Output pixel (2m + r, 2n + s) sees only the kernel taps of parity (r, s),
-    so each of the four phases is a plain convolution with those taps flipped.
-    For the last layer (3 output channels) oneDNN's transposed kernel is slow
-    in the forward pass and fast in the backward one; this keeps the best of
-    each. Same weights, same numbers."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        cin, cout, k, _ = weight.shape
-        h = k // 2
-        taps = (weight.view(cin, cout, h, 2, h, 2).flip(2, 4)  # [c, o, j, r, j', s]
-                .permute(1, 3, 5, 0, 2, 4).reshape(cout * 4, cin, h, h))  # [(o, r, s), c, t, u]
-        y = F.pixel_shuffle(F.conv2d(F.pad(x, (h - 1,) * 4), taps), 2)
-        return y + bias[:, None, None]
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = F.conv2d(grad, weight, stride=2)
-        grad_w = torch.nn.grad.conv2d_weight(grad, weight.shape, x, stride=2)
-        return grad_x, grad_w, grad.sum((0, 2, 3))
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from wm.rollouts import rollout_path, write_rollout  # noqa: E402
 
 
 def make_synthetic_rollouts(out_dir: Path, n: int = 3, steps: int = 40, seed: int = 0,
-                            action_repeat: int = 1, view: str = "road") -> list[Path]:
+                            action_repeat: int = 1, view: str = "full") -> list[Path]:
     """Rollouts of the real schema with smooth random frames (not the game)."""
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -30,9 +30,7 @@ def make_synthetic_rollouts(out_dir: Path, n: int = 3, steps: int = 40, seed: in
         done = np.zeros(steps, bool)
         done[-1] = True
         path = rollout_path(out_dir, seed + i)
-        k = {"action_repeat": np.array(action_repeat)} if action_repeat != 1 else {}  # as collected
-        if view != "road":
-            k["view"] = np.array(view)
+        k = {"action_repeat": np.array(action_repeat), "view": np.array(view)}  # as collected
         write_rollout(path, observations=obs,
                       actions=rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
                       rewards=rng.normal(size=steps).astype(np.float32),
@@ -118,7 +116,7 @@ class FakeClock:
         return timed
 
 
-def write_tiny_vae(ckpt_dir: Path, latent_size: int = 8, seed: int = 0, view: str = "road") -> Path:
+def write_tiny_vae(ckpt_dir: Path, latent_size: int = 8, seed: int = 0, view: str = "full") -> Path:
     """An untrained V saved as `ckpt_dir/vae.pt`, in the real checkpoint format."""
     import torch
     from dataclasses import asdict
@@ -135,7 +133,7 @@ def write_tiny_vae(ckpt_dir: Path, latent_size: int = 8, seed: int = 0, view: st
 
 
 def write_tiny_world_model(ckpt_dir: Path, latent_size: int = 8, hidden_size: int = 16,
-                           seed: int = 0, action_repeat: int = 1, view: str = "road") -> tuple[Path, Path]:
+                           seed: int = 0, action_repeat: int = 1, view: str = "full") -> tuple[Path, Path]:
     """An untrained, matched (V, M) pair: `ckpt_dir/vae.pt` and `ckpt_dir/mdnrnn.pt`,
     loadable with `wm.latents.load_world_model(ckpt_dir)`."""
     import torch

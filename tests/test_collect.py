@@ -23,14 +23,16 @@ def test_end_to_end_writes_the_schema(tmp_path):
     res = run_script("collect_rollouts.py", "--rollouts", "2", "--max-steps", "30",
                      "--workers", "2", "--out-dir", str(out), "--seed", "5")
     assert res.returncode == 0, res.stderr
-    assert "rollouts 2" in res.stdout and "frames 60" in res.stdout and "MB on disk" in res.stdout
+    # 30 game frames each, one kept per decision at the default repeat of 2
+    assert "rollouts 2" in res.stdout and "frames 30 (each held 2 game frames)" in res.stdout
+    assert "MB on disk" in res.stdout
     files = sorted(out.glob("rollout_*.npz"))
     assert files == [rollout_path(out, 5), rollout_path(out, 6)]
     for f in files:
         d = read_rollout(f)
-        assert d["observations"].shape == (30, 64, 64, 3) and d["observations"].dtype == np.uint8
-        assert d["actions"].shape == (30, 3) and d["actions"].dtype == np.float32
-        assert d["rewards"].shape == (30,) and d["rewards"].dtype == np.float32
+        assert d["observations"].shape == (15, 64, 64, 3) and d["observations"].dtype == np.uint8
+        assert d["actions"].shape == (15, 3) and d["actions"].dtype == np.float32
+        assert d["rewards"].shape == (15,) and d["rewards"].dtype == np.float32
         assert d["terminated"].dtype == bool and d["truncated"].dtype == bool
         assert d["truncated"][-1] and not d["truncated"][:-1].any()  # the --max-steps limit
         assert d["observations"].std() > 0
@@ -87,7 +89,7 @@ def test_rerun_skips_complete_and_redoes_partial(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "1 of 2 rollouts already" in res.stdout and "warning" not in res.stderr
     assert good.stat().st_mtime_ns == good_mtime
-    assert is_complete(bad) and len(read_rollout(bad)["actions"]) == 20
+    assert is_complete(bad) and len(read_rollout(bad)["actions"]) == 10  # 20 frames, each action held 2
     assert not list(out.glob(".*tmp*"))
 
 
@@ -209,7 +211,7 @@ def test_action_repeat_keeps_one_row_per_held_action_and_records_k(tmp_path):
     env = make_env(fast=True)
     obs, _ = env.reset(seed=3)
     for t in range(3):
-        assert np.array_equal(d["observations"][t], preprocess(obs))
+        assert np.array_equal(d["observations"][t], preprocess(obs, "full"))  # the default view
         obs, reward, *_ = step_repeat(env, d["actions"][t], 3)
         assert d["rewards"][t] == np.float32(reward)
     # A k = 1 file has no action_repeat array (it is the file from before the flag) and reads as 1.

@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, error_line, run_script
 
 from wm.checkpoint import load_checkpoint, save_checkpoint, state_fingerprint
-from wm.cli import UsageError, parse_config
+from wm.cli import AT_LEAST_1, POSITIVE, UsageError, parse_config
 from wm.files import temporary_path, write_atomically
 from wm.metrics import MetricsLog
 from wm.rollouts import write_rollout
@@ -28,6 +28,8 @@ class Config:
     max_steps: int = 10  # steps
     out_dir: str = "data"  # where
     fast: bool = True  # use the fast thing
+
+    RANGES = {"lr": POSITIVE, "max_steps": AT_LEAST_1}
 
 
 def test_flags_override_defaults_and_help_comes_from_comments(capsys, tmp_path):
@@ -119,25 +121,28 @@ def test_a_size_of_zero_is_refused_with_one_line(synthetic_rollouts, tmp_path):
     r = run_script("train_vae.py", "--latent-size", "0", "--data-dir", str(synthetic_rollouts),  # an empty z
                    "--ckpt-dir", str(tmp_path / "ckpt"))
     assert error_line(r) == "error: --latent-size must be at least 1, got 0"
-    r = run_script("bench.py", "env", "--steps", "0")  # argparse's error: usage, then the line
+    r = run_script("-m", "bench.speed", "env", "--steps", "0")  # argparse's error: usage, then the line
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == "bench.py: error: --steps must be at least 1, got 0"
+    assert r.stderr.strip().splitlines()[-1] == "python -m bench.speed: error: --steps must be at least 1, got 0"
 
 
 def test_every_number_option_of_every_script_has_a_range():
-    import bench, collect_rollouts, compare_ppo, evaluate, train_controller, train_mdnrnn, train_ppo, train_vae
-    from wm.cli import RANGES
+    import collect_rollouts, evaluate, train_controller, train_mdnrnn, train_vae
+    from bench import speed as bench
+    from experiments import compare_ppo, compare_vae, train_ppo
+    from tools import curves, probe
 
-    own = {"action_repeat", "log_std_init"}  # checked by the script itself; any number
-    ranged = set().union(*(names for _, _, names in RANGES))
-    for script in (collect_rollouts, train_vae, train_mdnrnn, train_controller, evaluate, train_ppo, compare_ppo):
+    own = {"action_repeat", "log_std_init", "test_episodes"}  # checked by the script itself; any number
+    for script in (collect_rollouts, train_vae, train_mdnrnn, train_controller, evaluate, train_ppo, compare_ppo,
+                   compare_vae, probe, curves):
         hints = get_type_hints(script.Config)
         numbers = {f.name for f in fields(script.Config) if hints[f.name] in (int, float)}
-        assert numbers - own <= ranged, (script.__name__, numbers - own - ranged)
+        assert numbers - own <= set(script.Config.RANGES), (script.__name__, numbers - own - set(script.Config.RANGES))
+        assert set(script.Config.RANGES) <= numbers, script.__name__  # a range of a field that is gone
         assert parse_config(script.Config, []) == script.Config()  # the defaults are in range
     for name, (_, flags) in bench.BENCHES.items():
-        numbers = {flag[2:].replace("-", "_") for flag, kind, _ in flags if kind in (int, float)}
-        assert numbers <= ranged, (name, numbers - ranged)
+        unranged = [flag for flag, kind, _, rule in flags if kind in (int, float) and rule is None]
+        assert not unranged, (name, unranged)
 
 
 def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):

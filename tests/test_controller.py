@@ -613,7 +613,7 @@ def test_c_acts_at_m_s_rate_and_a_contradicting_flag_is_refused(tmp_path):
 def test_bench_repeat_prints_frames_per_second_for_each_k():
     import json
 
-    r = run_script("bench.py", "repeat", "--json", "--action-repeat", "1,3", "--steps", "7",
+    r = run_script("-m", "bench.speed", "repeat", "--json", "--action-repeat", "1,3", "--steps", "7",
                    "--batch-size", "2", "--rounds", "1", timeout=240)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
@@ -625,7 +625,7 @@ def test_bench_repeat_prints_frames_per_second_for_each_k():
 def test_bench_agent_times_the_env_alone_on_the_agent_s_actions(tmp_path):
     import argparse
 
-    import bench
+    from bench import speed as bench
 
     agent_spec, params = bench.agent_for_bench(argparse.Namespace(ckpt_dir=None, steps=40), str(tmp_path))
     runs = {}

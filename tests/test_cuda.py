@@ -14,6 +14,7 @@ import torch
 from conftest import make_synthetic_rollouts, write_tiny_vae
 from wm.checkpoint import load_checkpoint
 from wm.cli import UsageError
+import wm.vae_training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -45,7 +46,7 @@ def test_v_trains_on_the_gpu_and_stops_cleanly_on_a_nan(tmp_path, monkeypatch):
         return nan + 0 * recon.sum(), nan, nan
 
     before = (tmp_path / "ckpt" / "vae_last.pt").read_bytes()
-    monkeypatch.setattr(train_vae, "vae_loss", nan_loss)
+    monkeypatch.setattr(wm.vae_training, "vae_loss", nan_loss)
     with pytest.raises(UsageError, match="diverged in epoch 2"):
         train_vae.main(train_vae.Config(epochs=2, **cfg))
     assert (tmp_path / "ckpt" / "vae_last.pt").read_bytes() == before
@@ -77,7 +78,7 @@ def test_c_evolves_in_the_dream_on_the_gpu(tmp_path):
 
 def test_v_gives_the_same_numbers_on_the_gpu_as_on_the_cpu():
     """On the GPU V calls its layers as they are; on the CPU it computes some
-    in faster forms (models/vae.py). Both must give the same values and gradients."""
+    in faster forms (models/vae_cpu.py). Both must give the same values and gradients."""
     from models import ConvVAE, VAEConfig
 
     torch.manual_seed(0)

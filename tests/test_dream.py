@@ -212,7 +212,7 @@ def test_start_states_are_first_frames_of_this_v(tmp_path):
 def test_bench_dream_rates_are_dreamed_steps_over_each_variant_s_seconds(monkeypatch):
     import argparse
 
-    import bench
+    from bench import speed as bench
 
     clock = FakeClock(monkeypatch)
     # A dream costs 1 s on one thread and 1/2 s on two, halved again in bf16.

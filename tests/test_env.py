@@ -10,7 +10,8 @@ import pygame
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from wm.env import ENV_ID, FAST_ENV_ID, DrivingLog, FastCarRacing, make_env, rotate_like_pygame, step_repeat
+from wm.env import ENV_ID, FAST_ENV_ID, DrivingLog, make_env, step_repeat
+from wm.fast_car_racing import FastCarRacing, rotate_like_pygame
 from wm.frames import preprocess, to_image, to_model_input
 from wm.policies import BrownianPolicy
 

@@ -14,6 +14,7 @@ from conftest import ROOT, error_line, run_script, write_tiny_controller, write_
 import evaluate
 from evaluate import Config
 from wm.cli import UsageError, parse_config
+from wm.metrics import interquartile_mean
 
 
 def test_evaluate_writes_the_json_and_a_video(tmp_path):
@@ -31,22 +32,22 @@ def test_evaluate_writes_the_json_and_a_video(tmp_path):
     assert "+-" in r.stdout and "episode   2" in r.stdout
 
     frames = iio.imread(video, index=None)  # every 4th step of episode 1, 12.5 pictures a second
-    assert frames.shape == (8, 144, 384, 3)
-    real, v, m = (frames[:, :128, i * 128 + 20:(i + 1) * 128 - 20] for i in range(3))
+    assert frames.shape == (8, 416, 1400, 3)  # the game's 600 x 400 frame, V's and M's 400 x 400
+    real, v, m = frames[:, 20:380, 20:580], frames[:, 20:380, 620:980], frames[:, 20:380, 1020:1380]
     assert real.mean() > 20 and v.mean() > 20  # the road, and V's (untrained, grey) picture
     assert m[0].max() == 0 and m[-1].mean() > 20  # M has nothing to predict at the first step
 
 
 def test_interquartile_mean_and_its_interval():
     # By hand: the middle half of 0..99 is 25..74, whose mean is 49.5.
-    iqm, (low, high) = evaluate.interquartile_mean(list(map(float, range(100))))
+    iqm, (low, high) = interquartile_mean(list(map(float, range(100))))
     assert iqm == 49.5 and low < 49.5 < high
     # An outlier moves the mean but not the IQM; the interval narrows with more episodes.
     rng = np.random.default_rng(0)
     few, many = rng.normal(900, 30, 20), rng.normal(900, 30, 400)
-    assert evaluate.interquartile_mean([*many[:-1], -100.0])[0] == pytest.approx(
+    assert interquartile_mean([*many[:-1], -100.0])[0] == pytest.approx(
         np.mean(np.sort(many[:-1])[99:299]))
-    width = lambda s: np.subtract(*evaluate.interquartile_mean(list(s))[1][::-1])  # noqa: E731
+    width = lambda s: np.subtract(*interquartile_mean(list(s))[1][::-1])  # noqa: E731
     assert width(many) < width(few)
 
 
@@ -79,7 +80,7 @@ def test_controller_trained_on_another_v_is_refused(tmp_path):
     (["--render", "window"], "--render must be none or human"),
     (["--video", "x.avi"], "--video must end in .gif or .mp4"),
     (["--policy", "best"], "--policy must be agent, random or ppo"),
-    (["--policy", "ppo"], "ppo_last.zip not found; run train_ppo.py first"),
+    (["--policy", "ppo"], "ppo_last.zip not found; run experiments/train_ppo.py first"),
     (["--policy", "random", "--drive-stats", "--backend", "ray"], "--drive-stats runs the episodes in this process; drop --backend ray"),
     (["--policy", "random", "--stochastic"], "--stochastic samples a PPO policy's actions; add --policy ppo"),
     (["--policy", "random", "--render", "human", "--backend", "ray"], "--render human runs the episodes in this process; drop --backend ray"),
@@ -112,7 +113,7 @@ def test_the_shipped_agent_plays_and_films_on_a_fresh_clone(tmp_path):
                    "--workers", "1", "--json", str(out), "--video", str(video), timeout=180)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["steps"] == 60  # a car that drives stays on the track 60 steps
-    assert iio.imread(video, index=None).shape == (15, 144, 384, 3)  # 30 decisions, every other filmed
+    assert iio.imread(video, index=None).shape == (15, 416, 1400, 3)  # 30 decisions, every other filmed
 
 
 @pytest.mark.parametrize("folder, features", [("random_data", "zh"), ("random_data/z_only", "z"),
@@ -213,3 +214,24 @@ def test_drive_stats_say_how_each_episode_was_driven(tmp_path, capsys):
         assert 0.2 < d["steer_flips"] < 0.8 and 0.3 < d["abs_steer"] < 0.7 and d["top_speed"] > 0
     # The log only watches: the same scores as without it, on the workers.
     assert evaluate.main(dataclasses.replace(cfg, drive_stats=False, json=None))["scores"] == result["scores"]
+
+
+def test_the_stages_defaults_are_the_shipped_recipe():
+    """Run with their defaults, the stages make the shipped agent's recipe:
+    each Config's defaults are the settings its stage recorded in the shipped
+    checkpoints, all but the folders that run used and the machine's own
+    (workers, device, threads). Collection's are the view V learned and the
+    rate M learned."""
+    import collect_rollouts, train_controller, train_mdnrnn, train_vae
+
+    shipped = ROOT / "checkpoints" / "pretrained"
+    own = {"data_dir", "latent_dir", "ckpt_dir", "workers", "device", "threads"}
+    for name, script in (("vae.pt", train_vae), ("mdnrnn.pt", train_mdnrnn), ("controller.pt", train_controller)):
+        recorded = torch.load(shipped / name, weights_only=True)["config"]
+        defaults = dataclasses.asdict(script.Config())
+        assert set(recorded) == set(defaults), name
+        differ = {k: (defaults[k], v) for k, v in recorded.items() if k not in own and defaults[k] != v}
+        assert not differ, f"{script.__name__}.Config's defaults differ from {name}'s (default, recorded): {differ}"
+    collect = collect_rollouts.Config()
+    assert collect.view == torch.load(shipped / "vae.pt", weights_only=True)["model_args"]["view"]
+    assert collect.action_repeat == torch.load(shipped / "mdnrnn.pt", weights_only=True)["model_args"]["action_repeat"]

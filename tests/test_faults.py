@@ -47,7 +47,7 @@ def test_m_that_diverges_saves_nothing_and_says_so(tmp_path):
     paths = make_synthetic_rollouts(ro, n=3)
     data = read_rollout(paths[0])
     data["rewards"][3] = np.inf
-    write_rollout(paths[0], **data)
+    write_rollout(paths[0], **data, view=np.array("full"))
     from conftest import write_tiny_vae
 
     write_tiny_vae(ckpt)
@@ -158,7 +158,7 @@ def test_a_rollout_without_steps_is_skipped_by_v_and_m(tmp_path):
     make_synthetic_rollouts(ro, n=3)
     write_rollout(ro / "rollout_0000099.npz", observations=np.zeros((0, 64, 64, 3), np.uint8),
                   actions=np.zeros((0, 3), np.float32), rewards=np.zeros(0, np.float32),
-                  terminated=np.zeros(0, bool), truncated=np.zeros(0, bool))
+                  terminated=np.zeros(0, bool), truncated=np.zeros(0, bool), view=np.array("full"))
     for args in (["train_vae.py", "--batch-size", "20"],
                  ["train_mdnrnn.py", "--latent-dir", str(tmp_path / "lat"), "--seq-len", "8"]):
         r = run_script(*args, "--data-dir", str(ro), "--ckpt-dir", str(ckpt), "--epochs", "1")
@@ -251,7 +251,7 @@ def last_line(result) -> str:
 def test_a_full_disk_is_one_line_and_loses_no_result(full_disk, tmp_path):
     """Collection, V, C and evaluation on a disk that fills up: one line each,
     the files there as they were, and evaluate.py's scores still printed."""
-    collect = ["collect_rollouts.py", "--rollouts", "3", "--max-steps", "60", "--workers", "1"]
+    collect = ["collect_rollouts.py", "--rollouts", "3", "--max-steps", "400", "--workers", "1"]
     line = last_line(run_script(*collect, "--out-dir", str(full_disk / "ro")))
     assert line.startswith("error: no space left on the disk of") and "free some space" in line
     make_synthetic_rollouts(tmp_path / "ro", n=3, steps=16)

@@ -1,5 +1,5 @@
-"""The PPO baselines: train_ppo.py's three arms, what each policy sees
-(wm/ppo.py), scoring with evaluate.py --policy ppo, and compare_ppo.py."""
+"""The PPO baselines: experiments/train_ppo.py's three arms, what each policy sees
+(wm/ppo.py), scoring with evaluate.py --policy ppo, and experiments/compare_ppo.py."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 from conftest import ROOT, error_line, run_script, start_script, write_tiny_world_model
 from PIL import Image
 
-import compare_ppo
+from experiments import compare_ppo
 import evaluate
-import train_ppo
+from experiments import train_ppo
 from models import MDNRNN, ConvVAE
 from wm.cli import UsageError
 from wm.ppo import EPISODES_FILE, MODEL_FILE, NORM_FILE, make_arm_env
@@ -44,7 +44,7 @@ def runs(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo")
     # Passive OpenMP waits, as train_agent.sh sets them: torch's two threads
     # spin-waiting for each other doubled a tiny run's time on a busy machine.
-    started = {arm: start_script("train_ppo.py", "--arm", arm, "--ckpt-dir", str(world), "--out-dir", str(out),
+    started = {arm: start_script("-m", "experiments.train_ppo", "--arm", arm, "--ckpt-dir", str(world), "--out-dir", str(out),
                                  *TINY, env={"OMP_WAIT_POLICY": "PASSIVE"}) for arm in ("pixels", "z", "zh")}
     done = {}
     try:
@@ -81,7 +81,7 @@ def test_each_arm_trains_and_writes_its_run(runs, arm, obs_shape):
 
 
 def test_latent_arms_refuse_to_start_without_v_or_m(tmp_path, world):
-    r = run_script("train_ppo.py", "--arm", "z", "--ckpt-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"))
+    r = run_script("-m", "experiments.train_ppo", "--arm", "z", "--ckpt-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'vae.pt'} not found; run train_vae.py first (or point --ckpt-dir at its folder)"]
     shutil.copy(world / "vae.pt", tmp_path / "vae.pt")
@@ -96,11 +96,11 @@ def test_latent_arms_refuse_to_start_without_v_or_m(tmp_path, world):
 def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "ppo"  # its parent is a file: no one, root included, can write there
-    r = run_script("train_ppo.py", "--arm", "pixels", "--out-dir", str(out))
+    r = run_script("-m", "experiments.train_ppo", "--arm", "pixels", "--out-dir", str(out))
     assert error_line(r) == f"error: cannot write to --out-dir {out} (Not a directory); pass a writable folder"
     csv = tmp_path / "controller_metrics.csv"
     csv.write_text("generation,held_out\n1,10.0\n")
-    r = run_script("compare_ppo.py", "--runs-dir", str(tmp_path), "--cmaes", f"zh={csv}", "--out", str(out / "c"))
+    r = run_script("-m", "experiments.compare_ppo", "--runs-dir", str(tmp_path), "--cmaes", f"zh={csv}", "--out", str(out / "c"))
     assert error_line(r) == f"error: cannot write --out {out / 'c.png'} (Not a directory); pass another path"
 
 
@@ -151,7 +151,7 @@ def test_resume_continues_the_step_count(runs, world, tmp_path, capsys):
     shutil.copytree(runs[0] / "z", out / "z")
     before = (run_dir / EPISODES_FILE).read_text().splitlines()
     flags = ["--arm", "z", "--ckpt-dir", str(world), "--out-dir", str(out), *TINY[:-1], "256"]
-    stdout, stderr = start_script("train_ppo.py", *flags, env={"OMP_WAIT_POLICY": "PASSIVE"}).communicate(timeout=240)
+    stdout, stderr = start_script("-m", "experiments.train_ppo", *flags, env={"OMP_WAIT_POLICY": "PASSIVE"}).communicate(timeout=240)
     assert "resuming PPO on z, seed 0" in stdout and "frames 128 -> 256" in stdout, stderr
     model = PPO.load(run_dir / MODEL_FILE)
     assert model.num_timesteps == 128 and model._num_timesteps_at_start == 64  # went on from 64 agent steps
@@ -191,7 +191,7 @@ def test_evaluate_scores_a_run_on_the_official_env(runs, tmp_path, monkeypatch):
     shutil.copytree(runs[0] / "z" / "seed0", other)
     run = json.loads((other / "run.json").read_text())
     (other / "run.json").write_text(json.dumps({**run, "vae_fingerprint": "0123"}))
-    with pytest.raises(UsageError, match="trained with another vae.pt .* retrain it with train_ppo.py"):
+    with pytest.raises(UsageError, match="trained with another vae.pt .* retrain it with experiments/train_ppo.py"):
         evaluate.main(evaluate.Config(policy="ppo", ckpt_dir=str(other), episodes=1, workers=1))
 
 
@@ -225,7 +225,7 @@ def test_compare_draws_every_arm_and_pools_the_seeds_scores(runs, tmp_path):
     for seed, scores in ((0, [10.0, 20.0]), (1, [30.0, 60.0])):
         (out / "z" / f"seed{seed}" / "scores.json").write_text(json.dumps(
             {"scores": scores, "mean": float(np.mean(scores))}))
-    csv = ROOT / "checkpoints" / "pretrained" / "controller_metrics.csv"
+    csv = ROOT / "checkpoints" / "pretrained" / "road_view" / "controller_metrics.csv"
     text = compare_ppo.main(compare_ppo.Config(runs_dir=str(out), cmaes=f"zh={csv}", out=str(tmp_path / "c")))
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[2:]}
     assert set(rows) == {f"PPO on {arm}, {how}" for arm in ("pixels (CNN)", "z", "[z, h]")
@@ -248,7 +248,7 @@ def test_returns_at_reads_each_seeds_curve_between_its_episodes(tmp_path):
     text = compare_ppo.returns_at({"z": [tmp_path / "z" / "seed0", tmp_path / "z" / "seed1"]}, 1, [15, 20, 30])
     # by hand: at 15 frames seed 0 is halfway from 0 to 10, seed 1 from 20 to 30; nothing after 20
     assert text.splitlines()[2:] == ["| 15 | 15 (5, 25) |", "| 20 | 20 (10, 30) |", "| 30 |  |"]
-    r = run_script("compare_ppo.py", "--runs-dir", str(tmp_path), "--at", "1e5")
+    r = run_script("-m", "experiments.compare_ppo", "--runs-dir", str(tmp_path), "--at", "1e5")
     assert error_line(r) == "error: --at takes frames separated by commas, e.g. 100000,200000, got '1e5'"
 
 

@@ -117,7 +117,8 @@ def test_an_actor_that_raises_is_one_clear_error(local_ray, world_model, monkeyp
 def test_the_local_backend_never_imports_ray(tmp_path):
     code = f"""
 import sys
-import bench, collect_rollouts, evaluate, train_controller
+import collect_rollouts, evaluate, train_controller
+from bench import speed as bench
 train_controller.main(train_controller.Config(ckpt_dir={str(tmp_path)!r}, pop_size=2,
     rollouts_per_member=1, generations=1, max_steps=5, workers=1, eval_episodes=1))
 collect_rollouts.main(collect_rollouts.Config(rollouts=1, max_steps=5, workers=1, out_dir={str(tmp_path / 'r')!r}))

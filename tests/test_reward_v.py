@@ -1,5 +1,5 @@
 """A V that weights what matters for driving: the road mask (wm/frames.py),
-train_vae.py --recon-weighting road, and compare_vae.py."""
+train_vae.py --recon-weighting road, and experiments/compare_vae.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-import compare_vae
+from experiments import compare_vae
 import train_vae
 from conftest import error_line, run_script, write_tiny_vae
 from wm.checkpoint import load_checkpoint
@@ -156,7 +156,8 @@ def road_rollouts(out_dir: Path, n: int = 3, steps: int = 16) -> Path:
 
 def tiny(data_dir, ckpt_dir, **kw) -> train_vae.Config:
     return train_vae.Config(**{"data_dir": str(data_dir), "ckpt_dir": str(ckpt_dir), "epochs": 1,
-                               "batch_size": 16, "latent_size": 8, "precision": "fp32", **kw})
+                               "batch_size": 16, "latent_size": 8, "precision": "fp32", "view": "road",
+                               **kw})  # road weighting marks the road view's pixels
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,7 @@ def test_script_end_to_end_with_road_weighting_feeds_m_and_c(tmp_path):
     data, ckpt = road_rollouts(tmp_path / "rollouts"), tmp_path / "ckpt"
     r = run_script("train_vae.py", "--data-dir", str(data), "--ckpt-dir", str(ckpt), "--epochs", "1",
                    "--batch-size", "16", "--latent-size", "8", "--recon-weighting", "road",
-                   "--road-weight", "4", timeout=120)
+                   "--road-weight", "4", "--view", "road", timeout=120)
     assert r.returncode == 0, r.stderr
     assert "road x4 reconstruction error" in r.stdout and "mse road" in r.stdout
     v = load_checkpoint(ckpt / "vae.pt", "vae")
@@ -217,13 +218,13 @@ def test_bad_weighting_flags_are_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# compare_vae.py
+# experiments/compare_vae.py
 
 
 def test_compare_vae_end_to_end(two_vs, tmp_path):
     out_json, out_png = tmp_path / "cmp.json", tmp_path / "cmp.png"
     ckpts = f"{two_vs / 'plain' / 'vae.pt'},{two_vs / 'road' / 'vae.pt'}"
-    r = run_script("compare_vae.py", "--ckpts", ckpts, "--data-dir", str(two_vs / "rollouts"),
+    r = run_script("-m", "experiments.compare_vae", "--ckpts", ckpts, "--data-dir", str(two_vs / "rollouts"),
                    "--json", str(out_json), "--png", str(out_png), "--batch-size", "7", "--show", "4",
                    timeout=120)
     assert r.returncode == 0, r.stderr
@@ -250,7 +251,7 @@ def test_compare_vae_end_to_end(two_vs, tmp_path):
 
 
 def test_compare_vae_scores_only_tracks_no_v_trained_on(two_vs, tmp_path):
-    cfg = compare_vae.Config(ckpts=str(write_tiny_vae(tmp_path)), data_dir=str(two_vs / "rollouts"),
+    cfg = compare_vae.Config(ckpts=str(write_tiny_vae(tmp_path, view="road")), data_dir=str(two_vs / "rollouts"),
                              json=str(tmp_path / "c.json"), png=str(tmp_path / "c.png"), show=2)
     with pytest.raises(UsageError, match="does not record which rollouts V trained on"):
         compare_vae.main(cfg)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models.vae
+import models.vae_cpu
 from models import ConvVAE, VAEConfig
 from models.vae import vae_loss
 
@@ -42,15 +42,15 @@ def test_reparameterize_samples_the_posterior():
 
 @pytest.mark.parametrize("cpu_forms", [True, False], ids=["cpu-forms", "as-called-on-a-gpu"])
 def test_encode_matches_the_layers_called_in_order(cpu_forms, monkeypatch):
-    """encode computes the last convolution as a matrix product over its
-    input patches; values and gradients must be what the plain layers give."""
-    monkeypatch.setattr(models.vae, "_cpu_forms", lambda x: cpu_forms)
+    """On CPUs the last convolution is a matrix product over its input
+    patches; values and gradients must be what torch's plain convolutions give."""
+    monkeypatch.setattr(models.vae_cpu, "applies", lambda x: cpu_forms)
     torch.manual_seed(0)
     vae = ConvVAE(VAEConfig()).double()
     x = torch.rand(3, 3, 64, 64, dtype=torch.double)
     h = x
     for conv in vae.enc:
-        h = F.relu(conv(h))
+        h = F.relu(F.conv2d(h, conv.weight, conv.bias, stride=conv.stride))
     h = h.flatten(1)
     expected = (vae.fc_mu(h), vae.fc_logvar(h))
     got = vae.encode(x)
@@ -66,17 +66,17 @@ def test_encode_matches_the_layers_called_in_order(cpu_forms, monkeypatch):
 
 @pytest.mark.parametrize("cpu_forms", [True, False], ids=["cpu-forms", "as-called-on-a-gpu"])
 def test_decode_matches_the_layers_called_in_order(cpu_forms, monkeypatch):
-    """decode computes the first transposed convolution as a matrix product,
-    adds some biases apart and runs the last layer's forward pass as a
-    convolution and a pixel shuffle; values and gradients must be what the
-    plain layers give."""
-    monkeypatch.setattr(models.vae, "_cpu_forms", lambda x: cpu_forms)
+    """On CPUs the first transposed convolution is a matrix product, the
+    second adds its bias apart and the last runs its forward pass as a
+    convolution and a pixel shuffle; values and gradients must be what
+    torch's plain transposed convolutions give."""
+    monkeypatch.setattr(models.vae_cpu, "applies", lambda x: cpu_forms)
     torch.manual_seed(0)
     vae = ConvVAE(VAEConfig()).double()
     z = torch.randn(4, 32, dtype=torch.double)
     h = vae.fc_dec(z)[:, :, None, None]
     for i, deconv in enumerate(vae.dec):
-        h = deconv(h)
+        h = F.conv_transpose2d(h, deconv.weight, deconv.bias, stride=deconv.stride)
         h = torch.sigmoid(h) if i == len(vae.dec) - 1 else F.relu(h)
     weights = torch.randn_like(h)
     expected = torch.autograd.grad((h * weights).sum(), list(vae.parameters()), allow_unused=True)
@@ -193,6 +193,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import train_vae  # noqa: E402
+import wm.vae_training  # noqa: E402
 from conftest import FakeClock, error_line, make_synthetic_rollouts, run_script  # noqa: E402
 from wm.checkpoint import state_fingerprint  # noqa: E402
 from wm.cli import UsageError  # noqa: E402
@@ -205,8 +206,10 @@ OUTPUTS = ("vae.pt", "vae_last.pt", "vae_metrics.csv", "vae_loss.png", "vae_reco
 
 def tiny(data_dir, ckpt_dir, **kw) -> train_vae.Config:
     # fp32: bf16 has its own test, and the subprocess run uses the default
+    # and a constant rate: a cosine schedule ends where --epochs says, so a resume
+    # with more epochs is not the straight run (tests/test_view.py tests it)
     return train_vae.Config(**{"data_dir": str(data_dir), "ckpt_dir": str(ckpt_dir), "epochs": 1,
-                               "batch_size": 16, "precision": "fp32", **kw})
+                               "batch_size": 16, "precision": "fp32", "lr_schedule": "constant", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +233,7 @@ def digest(path: Path) -> str:
 def test_checkpoint_round_trip_with_weights_only(trained):
     ckpt = torch.load(trained / "ckpt" / "vae.pt", weights_only=True)
     assert ckpt["kind"] == "vae" and ckpt["epoch"] == 1
-    assert ckpt["model_args"] == {"latent_size": 32, "view": "road"}
+    assert ckpt["model_args"] == {"latent_size": 32, "view": "full"}
     vae = ConvVAE.from_checkpoint(ckpt)
     assert state_fingerprint(vae.state_dict()) == ckpt["fingerprint"]
     assert all(torch.isfinite(torch.tensor(ckpt[k])) for k in ("val_loss", "val_recon", "val_kl"))
@@ -287,7 +290,7 @@ def test_script_end_to_end(synthetic_rollouts, tmp_path):
     recon = Image.open(ckpt / "vae_recon.png")
     assert recon.width > 8 * 64 and recon.height >= 2 * 64  # 8 frames above 8 reconstructions
     ckpt_data = torch.load(ckpt / "vae.pt", weights_only=True)
-    assert ckpt_data["model_args"] == {"latent_size": 8, "view": "road"} and ckpt_data["config"]["batch_size"] == 32
+    assert ckpt_data["model_args"] == {"latent_size": 8, "view": "full"} and ckpt_data["config"]["batch_size"] == 32
 
 
 def test_a_ckpt_dir_that_cannot_be_written_is_one_line_before_training(synthetic_rollouts, tmp_path):
@@ -309,7 +312,7 @@ def test_wrong_frame_shape_is_a_clear_error(tmp_path):
     make_synthetic_rollouts(tmp_path / "r", n=2, steps=5)
     write_rollout(rollout_path(tmp_path / "r", 9), observations=np.zeros((5, 96, 96, 3), np.uint8),
                   actions=np.zeros((5, 3), np.float32), rewards=np.zeros(5, np.float32),
-                  terminated=np.zeros(5, bool), truncated=np.zeros(5, bool))
+                  terminated=np.zeros(5, bool), truncated=np.zeros(5, bool), view=np.array("full"))
     with pytest.raises(UsageError, match=r"rollout_0000009.npz: frames are \(5, 96, 96, 3\)"):
         train_vae.main(tiny(tmp_path / "r", tmp_path / "ckpt"))
 
@@ -321,7 +324,8 @@ def test_unreadable_rollouts_are_skipped_with_a_warning(tmp_path):
     truncated.write_bytes(good[0].read_bytes()[:500])  # a kill mid-write by another tool
     no_actions = rollout_path(data, 8)  # frames fine, the rest missing: caught while streaming
     with zipfile.ZipFile(good[1]) as src, zipfile.ZipFile(no_actions, "w") as dst:
-        dst.writestr("observations.npy", src.read("observations.npy"))
+        for name in ("observations.npy", "view.npy"):
+            dst.writestr(name, src.read(name))
     with pytest.warns(UserWarning) as caught:
         row = train_vae.main(tiny(data, tmp_path / "ckpt", val_fraction=0.5))
     messages = " ".join(str(w.message) for w in caught)
@@ -337,7 +341,7 @@ def test_nan_loss_stops_and_leaves_the_checkpoints_whole(trained, tmp_path, monk
         nan = torch.tensor(float("nan"), device=recon.device)  # on CUDA too, as the real loss is
         return nan + 0 * recon.sum(), nan, nan
 
-    monkeypatch.setattr(train_vae, "vae_loss", nan_loss)
+    monkeypatch.setattr(wm.vae_training, "vae_loss", nan_loss)
     with pytest.raises(UsageError, match="diverged in epoch 2.*vae_last.pt is left"):
         train_vae.main(tiny(data, ckpt, epochs=2))
     assert {name: digest(ckpt / name) for name in before} == before
@@ -404,15 +408,15 @@ def test_bf16_step_gives_the_fp32_loss():
 def test_bench_vae_rates_are_images_over_each_step_s_median_round(monkeypatch):
     import argparse
 
-    import bench
-    import models.vae
+    from bench import speed as bench
+    import models.vae_cpu
 
     clock = FakeClock(monkeypatch)
     # The plain step costs 3 s and train_vae's 1 s (on their losses, which
     # each calls once a step); one round of the plain step stalls.
     plain = iter([3, 3] + [3, 100, 3])  # 2 warm-up steps, then 3 rounds of 1
     monkeypatch.setattr(models.vae, "vae_loss", clock.charge(vae_loss, lambda *_: next(plain)))
-    monkeypatch.setattr(train_vae, "vae_loss", clock.charge(vae_loss, lambda *_: 1))
+    monkeypatch.setattr(wm.vae_training, "vae_loss", clock.charge(vae_loss, lambda *_: 1))
     args = argparse.Namespace(batch_size=4, steps=1, rounds=3, threads=1, device="cpu", seed=0)
     threads = torch.get_num_threads()
     try:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from wm.agent import load_agent, load_models, run_episode
-from wm.cli import fail, run_main
+from wm.cli import AT_LEAST_1, NON_NEGATIVE, fail, run_main
 from wm.env import HELD_OUT_SEED, make_env
 from wm.files import write_atomically
 from wm.frames import preprocess, to_model_input
@@ -62,6 +62,9 @@ class Config:
     action_repeat: int = 2  # frames each action is held with --driver pursuit (a C's own otherwise); every M must have learned this rate
     json: str = ""  # write the R^2 table here as JSON
     png: str = ""  # write a bar chart of it here
+
+    # The range of each number option, checked in one line before main runs.
+    RANGES = {"episodes": AT_LEAST_1, "seed": NON_NEGATIVE, "max_steps": AT_LEAST_1}
 
 
 TARGETS = ("speed", "angular_velocity", "heading", "offset")

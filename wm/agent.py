@@ -13,7 +13,7 @@ sees every k-th frame (`wm.env.step_repeat`); M must have learned that rate.
 The loop drives K episodes in lockstep, each in its own environment, so that
 V, M and C run once per time step on a batch of K rows: V's encoder, most of
 what the networks add to a step, costs far less a frame on a batch than on
-one frame (`python bench.py agent --batch-size 1` against the default 16; the
+one frame (`python -m bench.speed agent --batch-size 1` against the default 16; the
 README's figures). An episode that ends drops out of the batch and the rest
 go on; `run_episode` is the case K = 1.
 """
@@ -217,18 +217,15 @@ class AgentSpec:
     fast: bool = True  # the fast twin (training) or the official env (evaluation)
     max_steps: int = 1000  # time limit of an episode, in frames (the paper: 1000)
     action_repeat: int = 1  # frames each action is held (the paper: 1); M's rate when C reads h
-    ppo: bool = False  # ckpt_dir is a train_ppo.py run folder: its policy, and the V and M it reads
-    stochastic: bool = False  # a PPO policy's sampled actions instead of its mean action
+    load: Callable | None = None  # load(device) builds another policy (a PPO baseline), in place of V, M and C
 
 
 def build_agent(spec: AgentSpec, device: torch.device | str = "cpu"):
     """The agent of `spec`, C's weights left at their initial values."""
+    if spec.load is not None:
+        return spec.load(device)
     if spec.ckpt_dir is None:
         return RandomAgent()
-    if spec.ppo:
-        from wm.ppo import PPOAgent  # here: stable-baselines3 only for the baselines
-
-        return PPOAgent.load(spec.ckpt_dir, device, stochastic=spec.stochastic)
     controller = Controller(ControllerConfig(**spec.controller))
     vae, mdnrnn, _ = load_models(spec.ckpt_dir, controller.uses_memory, device)
     return Agent(vae, controller, mdnrnn, device)

@@ -5,7 +5,7 @@ top of the file with a trailing comment per field. `parse_config(Config)` turns
 every field into a flag (`lr` -> `--lr`, `max_steps` -> `--max-steps`) whose
 help text is that comment, so `--help` always matches the file. Every
 value, from a flag or a `--config` file, is checked against its field's type
-and against RANGES before `main` runs.
+and against the range its Config gives it (RANGES) before `main` runs.
 """
 
 from __future__ import annotations
@@ -91,9 +91,18 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def program_name() -> str | None:
+    """How the running script was started, for its usage line: `python -m
+    experiments.train_ppo` for a script in a folder, None (argparse's own, the
+    file's name) for one at the root."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return f"python -m {spec.name}" if spec is not None and "." in spec.name else None
+
+
 def build_parser(config_cls: type) -> argparse.ArgumentParser:
     doc = inspect.getmodule(config_cls).__doc__ or ""
     parser = argparse.ArgumentParser(
+        prog=program_name(),
         description=doc.strip().splitlines()[0] if doc.strip() else None,
         epilog=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -119,26 +128,21 @@ def build_parser(config_cls: type) -> argparse.ArgumentParser:
     return parser
 
 
-# The range of every number option, by name, in whichever script (or bench.py
-# subcommand) has it. action_repeat is left to each script: 0 means "M's" in
-# train_controller.py and nothing in collect_rollouts.py.
-RANGES = [  # (what the error says, the test, the options)
-    ("at least 1", lambda v: v >= 1, {
-        "rollouts", "episodes", "max_steps", "workers", "epochs", "batch_size", "buffer_rollouts",
-        "latent_size", "seq_len", "hidden_size", "n_gaussians", "encode_batch", "strip_steps",
-        "strip_every", "rollouts_per_member", "generations", "eval_every", "eval_episodes", "frames",
-        "n_envs", "frame_skip", "frame_stack", "n_steps", "n_epochs", "sde_sample_freq", "save_every",
-        "window", "steps", "rounds", "repeats", "road_weight", "show"}),
-    ("at least 2 (CMA-ES ranks members against each other)", lambda v: v >= 2, {"pop_size"}),
-    ("non-negative", lambda v: v >= 0, {
-        "seed", "threads", "patience", "strip_start", "kl_floor", "reward_weight", "done_weight", "max_rollouts",
-        "ent_coef", "vf_coef", "reset_sigma", "noise"}),
-    ("positive", lambda v: v > 0, {
-        "lr", "grad_clip", "max_grad_norm", "clip_range", "sigma0", "temperature", "dream_temperature",
-        "seconds"}),
-    ("between 0 and 1", lambda v: 0 < v < 1, {"val_fraction"}),
-    ("from 0 to 1", lambda v: 0 <= v <= 1, {"gamma", "gae_lambda"}),
-]
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """What a number option may be, as its error says it, and the test."""
+    says: str
+    ok: Callable[[float], bool]
+
+
+# The ranges a Config's RANGES gives its number options (a field it leaves
+# out, such as action_repeat, its script checks itself).
+AT_LEAST_1 = Range("at least 1", lambda v: v >= 1)
+AT_LEAST_2 = Range("at least 2", lambda v: v >= 2)
+NON_NEGATIVE = Range("non-negative", lambda v: v >= 0)
+POSITIVE = Range("positive", lambda v: v > 0)
+FRACTION = Range("between 0 and 1", lambda v: 0 < v < 1)
+UNIT = Range("from 0 to 1", lambda v: 0 <= v <= 1)
 
 # How a --config error names each JSON type an option takes.
 TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
@@ -146,8 +150,8 @@ TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "
 
 def parse_config(config_cls: type, argv: list[str] | None = None):
     """Defaults from the dataclass, then a `--config` JSON file, then flags;
-    every value is checked against RANGES, with one line naming its flag, or
-    its key and file."""
+    every value is checked against the Config's RANGES, with one line naming
+    its flag, or its key and file."""
     parser = build_parser(config_cls)
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
@@ -161,19 +165,18 @@ def parse_config(config_cls: type, argv: list[str] | None = None):
             values[f.name] = v
             where[f.name] = flag(f.name)
     cfg = config_cls(**values)
-    check_ranges(vars(cfg), where)
+    check_ranges(vars(cfg), getattr(config_cls, "RANGES", {}), where)
     return cfg
 
 
-def check_ranges(values: dict[str, Any], where: dict[str, str] | None = None) -> None:
-    """Fail with one line for the first value out of its range in RANGES, named
-    as `where` says (else by its flag)."""
+def check_ranges(values: dict[str, Any], ranges: dict[str, Range], where: dict[str, str] | None = None) -> None:
+    """Fail with one line for the first value out of its range in `ranges`,
+    named as `where` says (else by its flag)."""
     for name, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):  # no option of any script means inf or nan
             raise fail(f"{(where or {}).get(name, flag(name))} must be a finite number, got {value}")
-        for rule, ok, names in RANGES:
-            if name in names and not ok(value):
-                raise fail(f"{(where or {}).get(name, flag(name))} must be {rule}, got {value}")
+        if name in ranges and not ranges[name].ok(value):
+            raise fail(f"{(where or {}).get(name, flag(name))} must be {ranges[name].says}, got {value}")
 
 
 def read_config_file(path: Path, config_cls: type) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""What a PPO baseline sees, in one place: train_ppo.py trains on it (the fast
+"""What a PPO baseline sees, in one place: experiments/train_ppo.py trains on it (the fast
 twin, one process per environment) and evaluate.py scores with it (the
 official environment, through `wm.agent.run_episodes`).
 
@@ -172,15 +172,15 @@ class ArmEnvMaker:
 
 
 def read_run(run_dir: str | Path) -> dict:
-    """The settings train_ppo.py recorded for a run, or one line saying what to do."""
+    """The settings experiments/train_ppo.py recorded for a run, or one line saying what to do."""
     run_dir = Path(run_dir)
     if not (run_dir / MODEL_FILE).is_file():
-        raise fail(f"{run_dir / MODEL_FILE} not found; run train_ppo.py first "
+        raise fail(f"{run_dir / MODEL_FILE} not found; run experiments/train_ppo.py first "
                    f"(or point --ckpt-dir at one of its run folders, OUT_DIR/ARM/seedN)")
     try:
         return json.loads((run_dir / RUN_FILE).read_text())
     except (OSError, ValueError) as e:
-        raise fail(f"cannot read {run_dir / RUN_FILE} ({e}); rerun train_ppo.py with --restart")
+        raise fail(f"cannot read {run_dir / RUN_FILE} ({e}); rerun experiments/train_ppo.py with --restart")
 
 
 class PPOAgent:
@@ -200,7 +200,7 @@ class PPOAgent:
 
         run = read_run(run_dir)
         view, fingerprints = make_view(run["arm"], run["ckpt_dir"], run["frame_stack"])
-        check_trained_with(run, Path(run_dir) / MODEL_FILE, fingerprints, "train_ppo.py")
+        check_trained_with(run, Path(run_dir) / MODEL_FILE, fingerprints, "experiments/train_ppo.py")
         return cls(PPO.load(Path(run_dir) / MODEL_FILE, device=device), view, stochastic)
 
     def reset(self, seeds: Sequence[int], params: None = None) -> None:

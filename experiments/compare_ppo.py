@@ -1,7 +1,7 @@
 """The comparison: PPO on pixels, on z and on [z, h] beside CMA-ES's C, as
 episode return against game frames, and the table of final scores.
 
-Reads train_ppo.py's runs (RUNS_DIR/ARM/seedN: episodes.csv, run.json, and
+Reads experiments/train_ppo.py's runs (RUNS_DIR/ARM/seedN: episodes.csv, run.json, and
 scores.json and scores_stochastic.json where `evaluate.py --policy ppo
 [--stochastic] --json` wrote them) and CMA-ES's
 controller_metrics.csv files, with the scores.json that evaluate.py wrote
@@ -27,7 +27,7 @@ interquartile mean with its 95% bootstrap interval. A PPO arm has two rows,
 its mean action and its sampled actions (--stochastic). --at FRAMES,...
 also prints each PPO arm's curve at those frames, as numbers.
 
-usage: python compare_ppo.py --runs-dir checkpoints/ppo --cmaes zh=checkpoints/pretrained/controller_metrics.csv
+usage: python -m experiments.compare_ppo --runs-dir checkpoints/ppo --cmaes zh=checkpoints/pretrained/road_view/controller_metrics.csv
 """
 
 from __future__ import annotations
@@ -38,11 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate import interquartile_mean
 from wm.checkpoint import load_checkpoint
-from wm.cli import fail, run_main
+from wm.cli import AT_LEAST_1, fail, run_main
 from wm.files import writable_file, write_atomically
-from wm.metrics import MetricsLog, save_figure
+from wm.metrics import MetricsLog, interquartile_mean, save_figure
 from wm.ppo import ARMS, EPISODES_FILE, RUN_FILE
 
 LABELS = {"pixels": "PPO on pixels (CNN)", "z": "PPO on z", "zh": "PPO on [z, h]"}
@@ -53,11 +52,14 @@ PPO_SCORES = [("mean action", "", "scores.json"), ("sampled actions", " --stocha
 
 @dataclass
 class Config:
-    runs_dir: str = "checkpoints/ppo"  # train_ppo.py's --out-dir, holding ARM/seedN run folders
-    cmaes: str = "zh=checkpoints/pretrained/controller_metrics.csv"  # CMA-ES runs: FEATURES=CSV,...; two of one FEATURES are 2 seeds
+    runs_dir: str = "checkpoints/ppo"  # experiments/train_ppo.py's --out-dir, holding ARM/seedN run folders
+    cmaes: str = "zh=checkpoints/pretrained/road_view/controller_metrics.csv"  # CMA-ES runs: FEATURES=CSV,...; two of one FEATURES are 2 seeds
     window: int = 20  # training episodes in each point of a PPO curve (SB3's ep_rew_mean: 100)
     out: str = "checkpoints/ppo/comparison"  # writes OUT.png (the curves) and OUT.md (the table)
     at: str = ""  # frames, e.g. 100000,200000: also print each PPO arm's curve there, the mean over seeds (each seed's)
+
+    # The range of each number option, checked in one line before main runs.
+    RANGES = {"window": AT_LEAST_1}
 
 
 def ppo_runs(runs_dir: Path) -> dict[str, list[Path]]:
@@ -217,7 +219,7 @@ def main(cfg: Config) -> str:
         raise fail(f"--at takes frames separated by commas, e.g. 100000,200000, got {cfg.at!r}") from None
     ppo, cmaes = ppo_runs(Path(cfg.runs_dir)), cmaes_runs(cfg.cmaes)
     if not ppo and not cmaes:
-        raise fail(f"no runs with training episodes in {cfg.runs_dir}; run train_ppo.py first")
+        raise fail(f"no runs with training episodes in {cfg.runs_dir}; run experiments/train_ppo.py first")
     out = Path(cfg.out)
     for path in (out.with_suffix(".png"), out.with_suffix(".md")):
         writable_file(path, "--out")

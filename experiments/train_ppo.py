@@ -19,10 +19,10 @@ M's fingerprints, the frames trained), ppo_last.zip and vecnormalize.pkl
 from them and continues the step count, --restart starts over),
 episodes.csv (every training episode: the game frames so far, its return),
 ppo_return.png, and tensorboard/. Frames are game frames: one agent step
-holds its action for --frame-skip of them. compare_ppo.py draws every arm
+holds its action for --frame-skip of them. experiments/compare_ppo.py draws every arm
 and CMA-ES against frames.
 
-usage: python train_ppo.py --arm pixels --seeds 0,1,2 --frames 1000000
+usage: python -m experiments.train_ppo --arm pixels --seeds 0,1,2 --frames 1000000
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from stable_baselines3.common.utils import LinearSchedule
 from stable_baselines3.common.vec_env import SubprocVecEnv, VecNormalize
 
 from wm.agent import check_trained_with
-from wm.cli import fail, resolve_device, run_main
+from wm.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT, fail, resolve_device, run_main
 from wm.env import SEED_LIMIT, TRAIN_SEED
 from wm.files import writable_folder, write_atomically
 from wm.metrics import MetricsLog
@@ -79,6 +79,13 @@ class Config:
     restart: bool = False  # ignore a saved run and start it from scratch (else a rerun resumes)
     device: str = "auto"  # auto (cuda for the pixel arm where there is one, else cpu), cpu or cuda, for the policy's training (the environments use the CPU)
     progress: bool = True  # stable-baselines3's progress bar
+
+    # The range of each number option, checked in one line before main runs.
+    RANGES = {"frames": AT_LEAST_1, "n_envs": AT_LEAST_1, "frame_skip": AT_LEAST_1, "frame_stack": AT_LEAST_1,
+              "max_steps": AT_LEAST_1, "n_steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "n_epochs": AT_LEAST_1,
+              "lr": POSITIVE, "gamma": UNIT, "gae_lambda": UNIT, "clip_range": POSITIVE,
+              "ent_coef": NON_NEGATIVE, "vf_coef": NON_NEGATIVE, "max_grad_norm": POSITIVE,
+              "sde_sample_freq": AT_LEAST_1, "hidden_size": AT_LEAST_1, "save_every": AT_LEAST_1}
 
 
 # What a rerun may change without starting the run over; every other field
@@ -168,7 +175,7 @@ def save_run(run_dir: Path, run: dict) -> None:
 
 def check_same_run(saved: dict, run: dict, run_dir: Path) -> None:
     """A saved run resumes only with the V, M and settings it was trained with."""
-    check_trained_with(saved, run_dir / RUN_FILE, run, "train_ppo.py --restart")
+    check_trained_with(saved, run_dir / RUN_FILE, run, "experiments/train_ppo.py --restart")
     for key, value in run.items():
         if key not in ("ckpt_dir", "vae_fingerprint", "mdnrnn_fingerprint") and saved.get(key) != value:
             raise fail(f"{run_dir} was trained with {key} = {saved.get(key)}, this run asks for {value}; "

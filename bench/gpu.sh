@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A GPU machine, one call: the suite with CUDA visible (in the
-# background, beside the GPU benches), bench.py on the GPU, bench.py agent on 16
+# background, beside the GPU benches), bench/speed.py on the GPU, bench/speed.py agent on 16
 # workers, and one real CMA-ES generation of 64 x 16 on 2, 4, 8 and 16 workers.
-# usage: OUT=results/ bash bench_gpu.sh   (docs/performance.md, "A GPU machine")
+# usage: OUT=results/ bash bench/gpu.sh   (docs/performance.md, "A GPU machine")
 set -uo pipefail
 t0=$(date +%s); el() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 # A GPU machine without a package index installs from wheels carried in .device-wheels/, if there are any.
@@ -24,7 +24,7 @@ scale() {  # one real CMA-ES generation of 64 x 16, episodes cut at SCALE_STEPS 
 }
 # 4 and 2 workers run beside the suite (2 cores) and the GPU benches (1 core): 6-9 of 16 cores busy.
 ( for w in ${SCALE_LOW:-4 2}; do scale $w; done ) &
-b() { el "bench $*"; echo "{\"args\": \"$*\"}" >> "$B"; timeout "${BT:-90}" python3 bench.py "$@" --json >> "$B" 2>> "$OUT/bench.err"; }
+b() { el "bench $*"; echo "{\"args\": \"$*\"}" >> "$B"; timeout "${BT:-90}" python3 -m bench.speed "$@" --json >> "$B" 2>> "$OUT/bench.err"; }
 b vae --device cuda --rounds 7
 b vae --device cuda --batch-size 1000 --rounds 7
 b mdnrnn --device cuda

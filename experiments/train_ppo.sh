@@ -5,19 +5,20 @@
 # resumes where it stopped or is skipped when done, so rerunning this after
 # an interruption continues instead of starting over.
 #
-#   usage: bash train_ppo.sh [CKPT_DIR] [FRAMES]
+#   usage: bash experiments/train_ppo.sh [CKPT_DIR] [FRAMES]
 #     CKPT_DIR  vae.pt and mdnrnn.pt for the latent arms; M must have learned
 #               every 2nd frame, the runs' frame skip (default
-#               checkpoints/pretrained, the shipped agent's, which did)
+#               checkpoints/pretrained/road_view, the V and M of the road view
+#               that the committed runs read, which did)
 #     FRAMES    each run's budget in game frames (default 1000000)
 #   SEEDS=0,1,2 the seeds; CMAES=zh=CSV,z=CSV the CMA-ES runs drawn beside
 #   (default: the shipped run's, on [z, h], and CMA-ES on z alone at frame
 #   skip 2, which this trains in checkpoints/ppo/cmaes_z with CKPT_DIR's V)
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 export SDL_VIDEODRIVER=${SDL_VIDEODRIVER:-dummy}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-ckpt=${1:-checkpoints/pretrained}
+ckpt=${1:-checkpoints/pretrained/road_view}
 frames=${2:-1000000}
 workers=${WORKERS:-$(nproc)}
 out=checkpoints/ppo
@@ -31,7 +32,7 @@ score() {
 }
 
 for arm in pixels z zh; do
-    python train_ppo.py --arm "$arm" --ckpt-dir "$ckpt" --frames "$frames" --seeds "${SEEDS:-0,1,2}" --out-dir "$out"
+    python -m experiments.train_ppo --arm "$arm" --ckpt-dir "$ckpt" --frames "$frames" --seeds "${SEEDS:-0,1,2}" --out-dir "$out"
 done
 for run in "$out"/*/seed*; do
     [ -f "$run/ppo_last.zip" ] || continue
@@ -50,4 +51,4 @@ if [ ! -f "$cz/controller.pt" ] || [ -f "$cz/controller_es.npz" ]; then
         --patience 200 --eval-every 5 --eval-episodes 48 --generations 30 --workers "$workers"
 fi
 score "$cz/scores.json" "$cz/controller.pt" --ckpt-dir "$cz"
-python compare_ppo.py --runs-dir "$out" --cmaes "${CMAES:-zh=checkpoints/pretrained/controller_metrics.csv,z=$cz/controller_metrics.csv}"
+python -m experiments.compare_ppo --runs-dir "$out" --cmaes "${CMAES:-zh=checkpoints/pretrained/road_view/controller_metrics.csv,z=$cz/controller_metrics.csv}"

@@ -1,12 +1,12 @@
 """Speed measurements, each as a ratio measured in one run on this machine.
 
-    python bench.py env --steps 300 --json     stock vs fast CarRacing-v3
-    python bench.py vae --json                 ConvVAE training images/s
-    python bench.py mdnrnn --json              MDN-RNN sequences/s, cell steps/s
-    python bench.py agent --json               agent loop steps/s, 1 vs all workers, batched
-    python bench.py agent --backend ray --workers 2 --json    the same on Ray's actors, 1 vs 2
-    python bench.py repeat --json              agent loop frames/s holding actions 1, 2, 3 frames
-    python bench.py dream --json               simulated dream steps/s
+    python -m bench.speed env --steps 300 --json     stock vs fast CarRacing-v3
+    python -m bench.speed vae --json                 ConvVAE training images/s
+    python -m bench.speed mdnrnn --json              MDN-RNN sequences/s, cell steps/s
+    python -m bench.speed agent --json               agent loop steps/s, 1 vs all workers, batched
+    python -m bench.speed agent --backend ray --workers 2 --json    the same on Ray's actors, 1 vs 2
+    python -m bench.speed repeat --json              agent loop frames/s holding actions 1, 2, 3 frames
+    python -m bench.speed dream --json               simulated dream steps/s
 
 Each subcommand prints one JSON object with --json, else one line per number.
 """
@@ -21,6 +21,8 @@ import time
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 import numpy as np  # noqa: E402
+
+from wm.cli import AT_LEAST_1, AT_LEAST_2, NON_NEGATIVE, POSITIVE  # noqa: E402
 
 
 def bench_env(args) -> dict:
@@ -167,7 +169,7 @@ def bench_agent(args) -> dict:
 def bench_repeat(args) -> dict:
     """Agent loop frames/s holding each action for k frames (--action-repeat 1,2,3), one worker each.
 
-    The agent of `bench.py agent` (V, M and C, the fast env, --batch-size
+    The agent of `bench/speed.py agent` (V, M and C, the fast env, --batch-size
     episodes at once, --steps frames an episode), with only every k-th frame
     rendered and seen by the networks. The k alternate in --rounds rounds, so
     that all see the same load; frames_per_s_k* count game frames (steps of
@@ -353,7 +355,7 @@ def bench_vae(args) -> dict:
     """ConvVAE training images/s: a plain fp32 step against train_vae.py's step.
 
     The baseline is the textbook step: the layers called in order, fp32, Adam
-    as it comes. The fast step is train_vae.train_step (bf16 autocast where the
+    as it comes. The fast step is wm.vae_training.train_step (bf16 autocast where the
     hardware has it, ConvVAE.decode's faster forms of the transposed
     convolutions, fused Adam); `fast_fp32_img_per_s` is that step with bf16
     off. On a GPU two more are timed, the step in bf16 and the step with the
@@ -367,7 +369,7 @@ def bench_vae(args) -> dict:
 
     from models import ConvVAE, VAEConfig
     from models.vae import vae_loss
-    from train_vae import make_optimizer, pick_precision, train_step
+    from wm.vae_training import make_optimizer, pick_precision, train_step
     from wm.cli import resolve_device
     from wm.frames import to_model_input
 
@@ -404,7 +406,7 @@ def bench_vae(args) -> dict:
         model = ConvVAE(VAEConfig()).to(device)
         if name == "baseline":
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-            variants[name] = lambda m=model, o=opt: plain_step(m, o)
+            variants[name] = with_cpu_forms(lambda m=model, o=opt: plain_step(m, o), on=False)
         else:
             opt = make_optimizer(model, 1e-4)
             step = lambda m=model, o=opt, d=fast[name]: train_step(m, o, frames, device, d, 0.5)  # noqa: E731
@@ -439,58 +441,64 @@ def bench_vae(args) -> dict:
     }
 
 
-def with_cpu_forms(step):
-    """step, run with V's layers in the forms models/vae.py computes on CPUs."""
-    import models.vae
+def with_cpu_forms(step, on: bool = True):
+    """step, run with V's layers in the forms models/vae_cpu.py computes on
+    CPUs (on), or as torch's plain layers (off)."""
+    import models.vae_cpu
 
     def run():
-        own = models.vae._cpu_forms
-        models.vae._cpu_forms = lambda x: True
+        own = models.vae_cpu.applies
+        models.vae_cpu.applies = lambda x: on
         try:
             step()
         finally:
-            models.vae._cpu_forms = own
+            models.vae_cpu.applies = own
     return run
 
 
-# Where time_pools runs its workers: local processes or Ray's actors (wm.pool.make_pool).
-POOL_FLAGS = [("--backend", str, "local"), ("--ray-address", str, "")]
+# Each bench's flags: (flag, type, default, the range of a number option).
+# --backend and --ray-address: where time_pools runs its workers, local
+# processes or Ray's actors (wm.pool.make_pool).
+POOL_FLAGS = [("--backend", str, "local", None), ("--ray-address", str, "", None)]
+SEED = ("--seed", int, 0, NON_NEGATIVE)
+DEVICE = ("--device", str, "auto", None)
 
 BENCHES = {
-    "env": (bench_env, [("--steps", int, 300), ("--seed", int, 0)]),
-    "mdnrnn": (bench_mdnrnn, [("--batch-size", int, 32), ("--seq-len", int, 100),
-                              ("--seconds", float, 2.0), ("--device", str, "auto"),
-                              ("--seed", int, 0)]),
-    "agent": (bench_agent, [("--steps", int, 300), ("--episodes", int, 1), ("--rounds", int, 3),
-                            ("--batch-size", int, 16), ("--workers", int, os.cpu_count() or 1),
-                            ("--ckpt-dir", str, None), ("--seed", int, 0), *POOL_FLAGS]),
-    "repeat": (bench_repeat, [("--action-repeat", str, "1,2,3"), ("--steps", int, 300), ("--episodes", int, 1),
-                              ("--rounds", int, 3), ("--batch-size", int, 16), ("--ckpt-dir", str, None),
-                              ("--seed", int, 0), *POOL_FLAGS]),
-    "dream": (bench_dream, [("--pop-size", int, 64), ("--rollouts", int, 16), ("--max-steps", int, 100),
-                            ("--repeats", int, 2), ("--temperature", float, 1.0), ("--device", str, "auto"),
-                            ("--seed", int, 0)]),
-    "vae": (bench_vae, [("--batch-size", int, 100), ("--steps", int, 3), ("--rounds", int, 21),
-                        ("--threads", int, 0), ("--device", str, "auto"), ("--seed", int, 0)]),
+    "env": (bench_env, [("--steps", int, 300, AT_LEAST_1), SEED]),
+    "mdnrnn": (bench_mdnrnn, [("--batch-size", int, 32, AT_LEAST_1), ("--seq-len", int, 100, AT_LEAST_1),
+                              ("--seconds", float, 2.0, POSITIVE), DEVICE, SEED]),
+    "agent": (bench_agent, [("--steps", int, 300, AT_LEAST_1), ("--episodes", int, 1, AT_LEAST_1),
+                            ("--rounds", int, 3, AT_LEAST_1), ("--batch-size", int, 16, AT_LEAST_1),
+                            ("--workers", int, os.cpu_count() or 1, AT_LEAST_1), ("--ckpt-dir", str, None, None),
+                            SEED, *POOL_FLAGS]),
+    "repeat": (bench_repeat, [("--action-repeat", str, "1,2,3", None), ("--steps", int, 300, AT_LEAST_1),
+                              ("--episodes", int, 1, AT_LEAST_1), ("--rounds", int, 3, AT_LEAST_1),
+                              ("--batch-size", int, 16, AT_LEAST_1), ("--ckpt-dir", str, None, None),
+                              SEED, *POOL_FLAGS]),
+    "dream": (bench_dream, [("--pop-size", int, 64, AT_LEAST_2), ("--rollouts", int, 16, AT_LEAST_1),
+                            ("--max-steps", int, 100, AT_LEAST_1), ("--repeats", int, 2, AT_LEAST_1),
+                            ("--temperature", float, 1.0, POSITIVE), DEVICE, SEED]),
+    "vae": (bench_vae, [("--batch-size", int, 100, AT_LEAST_1), ("--steps", int, 3, AT_LEAST_1),
+                        ("--rounds", int, 21, AT_LEAST_1), ("--threads", int, 0, NON_NEGATIVE), DEVICE, SEED]),
 }
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    from wm.cli import UsageError, check_ranges, program_name
+
+    parser = argparse.ArgumentParser(prog=program_name(), description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__)
     sub = parser.add_subparsers(dest="bench", required=True)
     for name, (fn, flags) in BENCHES.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").splitlines()[0])
         p.add_argument("--json", action="store_true", help="print one JSON object")
-        for flag, typ, default in flags:
+        for flag, typ, default, _ in flags:
             p.add_argument(flag, type=typ, default=default)
     args = parser.parse_args(argv)
-    fn = BENCHES[args.bench][0]
-    from wm.cli import UsageError, check_ranges
-
+    fn, flags = BENCHES[args.bench]
     try:
-        check_ranges(vars(args))
+        check_ranges(vars(args), {flag[2:].replace("-", "_"): rule for flag, _, _, rule in flags if rule})
         result = fn(args)
     except UsageError as e:
         parser.error(e.message)

@@ -15,7 +15,7 @@ on new tracks (collect_rollouts.py --seed). Writes --json (the numbers) and
 --png: --show held-out frames spread evenly over them, the mask over them
 (unmarked pixels dimmed), then each V's reconstruction, one row per V.
 
-usage: python compare_vae.py --ckpts checkpoints/plain/vae.pt,checkpoints/road/vae.pt --data-dir data/rollouts --json vae_comparison.json --png vae_comparison.png
+usage: python -m experiments.compare_vae --ckpts checkpoints/plain/vae.pt,checkpoints/road/vae.pt --data-dir data/rollouts --json vae_comparison.json --png vae_comparison.png
 """
 
 from __future__ import annotations
@@ -29,18 +29,18 @@ import torch
 
 from models import ConvVAE
 from models.vae import squared_error_by_region
-from train_vae import describe_weighting, frame_batches, mean_or_nan, prefetch, scan_rollouts, with_masks
 from wm.checkpoint import load_checkpoint, recorded_tracks
-from wm.cli import fail, resolve_device, run_main
+from wm.cli import AT_LEAST_1, NON_NEGATIVE, fail, resolve_device, run_main
 from wm.files import writable_file, write_atomically
 from wm.frames import to_image, to_model_input
 from wm.metrics import image_grid
 from wm.rollouts import track_of
+from wm.vae_training import describe_weighting, frame_batches, mean_or_nan, prefetch, scan_rollouts, with_masks
 
 
 @dataclass
 class Config:
-    ckpts: str = "checkpoints/pretrained/vae.pt"  # the Vs to compare: vae.pt files, separated by commas
+    ckpts: str = "checkpoints/pretrained/road_view/vae.pt"  # the Vs to compare: vae.pt files, separated by commas
     data_dir: str = "data/rollouts"  # rollouts; those on tracks no V trained on are scored
     max_rollouts: int = 0  # score only the first this many of those rollouts (0: all of them)
     batch_size: int = 250  # frames encoded at once
@@ -49,6 +49,10 @@ class Config:
     png: str = "vae_comparison.png"  # the picture goes here: frames, the mask, each V's reconstruction
     device: str = "auto"  # auto: CUDA when present, else CPU
     threads: int = 0  # torch CPU threads; 0: one per core
+
+    # The range of each number option, checked in one line before main runs.
+    RANGES = {"max_rollouts": NON_NEGATIVE, "batch_size": AT_LEAST_1, "show": AT_LEAST_1,
+              "threads": NON_NEGATIVE}
 
 
 def load_vaes(paths: list[str], device: torch.device) -> list[tuple[str, dict, ConvVAE]]:
