@@ -83,7 +83,7 @@ def test_agent_acts_on_v_mu_and_m_hidden_state(tmp_path):
         for _ in range(3):
             from wm.frames import preprocess, to_model_input
 
-            mu, _ = vae.encode(to_model_input(preprocess(frame)[None]))
+            mu, _ = vae.encode(to_model_input(preprocess(frame, vae.cfg.view)[None]))
             expected = c(mu, state[0])
             _, state = mdnrnn.step(mu, expected, state)
             action = agent.act(frame[None])[0]

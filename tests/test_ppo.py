@@ -110,8 +110,9 @@ def test_latent_observation_is_v_mean_and_m_memory(world):
     mdnrnn = MDNRNN.from_checkpoint(torch.load(world / "mdnrnn.pt", weights_only=True)).eval()
 
     @torch.no_grad()
-    def mu(frame):  # the dashboard cut, 64x64 bilinear, scaled to [0, 1], channels first
-        img = np.asarray(Image.fromarray(frame[:84]).resize((64, 64), Image.BILINEAR))
+    def mu(frame):  # V's view (road: the dashboard cut), 64x64 bilinear, scaled to [0, 1], channels first
+        seen = frame[:84] if vae.cfg.view == "road" else frame
+        img = np.asarray(Image.fromarray(seen).resize((64, 64), Image.BILINEAR))
         return vae.encode(torch.tensor(img, dtype=torch.float32).permute(2, 0, 1)[None] / 255)[0][0]
 
     env, stock = make_arm_env("zh", world, frame_skip=2, max_steps=40), gym.make("CarRacing-v3")
