@@ -56,7 +56,7 @@ from wm.pool import WorkerError, check_backend, make_pool
 
 @dataclass
 class Config:
-    ckpt_dir: str = "checkpoints"  # folder of controller.pt, vae.pt and mdnrnn.pt, or a experiments/train_ppo.py run folder
+    ckpt_dir: str = "checkpoints"  # folder of controller.pt, vae.pt and mdnrnn.pt, or an experiments/train_ppo.py run folder
     policy: str = "agent"  # agent (V, M and C), random (the baseline, needs no checkpoints) or ppo (a PPO baseline)
     episodes: int = 100  # episodes, one track each (the paper: 100)
     seed: int = EVAL_SEED  # episode i drives the track of seed + i; 0-9,999 are evaluation's own tracks (wm/env.py)

@@ -22,7 +22,7 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
 import numpy as np  # noqa: E402
 
-from wm.cli import AT_LEAST_1, AT_LEAST_2, NON_NEGATIVE, POSITIVE  # noqa: E402
+from wm.cli import AT_LEAST_1, AT_LEAST_2, NON_NEGATIVE, POSITIVE, UsageError, check_ranges, program_name  # noqa: E402
 
 
 def bench_env(args) -> dict:
@@ -169,7 +169,7 @@ def bench_agent(args) -> dict:
 def bench_repeat(args) -> dict:
     """Agent loop frames/s holding each action for k frames (--action-repeat 1,2,3), one worker each.
 
-    The agent of `bench/speed.py agent` (V, M and C, the fast env, --batch-size
+    The agent of `python -m bench.speed agent` (V, M and C, the fast env, --batch-size
     episodes at once, --steps frames an episode), with only every k-th frame
     rendered and seen by the networks. The k alternate in --rounds rounds, so
     that all see the same load; frames_per_s_k* count game frames (steps of
@@ -484,8 +484,6 @@ BENCHES = {
 
 
 def main(argv=None) -> None:
-    from wm.cli import UsageError, check_ranges, program_name
-
     parser = argparse.ArgumentParser(prog=program_name(), description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__)

@@ -138,7 +138,7 @@ class Range:
 # The ranges a Config's RANGES gives its number options (a field it leaves
 # out, such as action_repeat, its script checks itself).
 AT_LEAST_1 = Range("at least 1", lambda v: v >= 1)
-AT_LEAST_2 = Range("at least 2", lambda v: v >= 2)
+AT_LEAST_2 = Range("at least 2 (CMA-ES ranks members against each other)", lambda v: v >= 2)
 NON_NEGATIVE = Range("non-negative", lambda v: v >= 0)
 POSITIVE = Range("positive", lambda v: v > 0)
 FRACTION = Range("between 0 and 1", lambda v: 0 < v < 1)
