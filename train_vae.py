@@ -35,7 +35,7 @@ from models.vae import squared_error_by_region, vae_loss
 from wm.checkpoint import keep_finished, resume_training, save_checkpoint
 from wm.cli import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, fail, resolve_device, run_main
 from wm.files import locked, writable_folder
-from wm.frames import VIEWS, recon_weights, to_image, to_model_input
+from wm.frames import VIEWS, dashboard_mask, recon_weights, to_image, to_model_input
 from wm.metrics import MetricsLog, image_grid
 from wm.vae_training import (describe_weighting, frame_batches, make_optimizer, mean_or_nan, pick_precision,
                              prefetch, scan_rollouts, train_step, with_masks)
@@ -52,8 +52,9 @@ class Config:
     latent_size: int = 32  # size of z (paper: 32)
     kl_floor: float = 0.5  # free bits: KL floor per latent dimension, in nats (paper: 0.5)
     view: str = "full"  # what of the frame V sees (wm/frames.py): road (the paper's crop) or full (with the dashboard); the rollouts must be collected with the same --view
-    recon_weighting: str = "plain"  # plain: every pixel alike (the paper); road: road, kerbs, edges and the car's surroundings weighted up (wm/frames.py)
+    recon_weighting: str = "plain"  # plain: every pixel alike (the paper); road: road, kerbs, edges and the car's surroundings weighted up (road view); dashboard: the dashboard's rows weighted up (full view) (wm/frames.py)
     road_weight: float = 10.0  # road weighting: a marked pixel's weight against 1 for grass, before scaling to mean 1 per frame (10: about 4/5 of the loss on about 28 in 100 pixels)
+    dashboard_weight: float = 10.0  # dashboard weighting: a dashboard pixel's weight against 1 for the rest, before scaling to mean 1 (10: about 3/5 of the weight on the 1 in 8 pixels, most of them black)
     val_fraction: float = 0.1  # share of rollouts held out for validation (at least one)
     buffer_rollouts: int = 32  # rollouts whose frames are shuffled together; bounds memory
     precision: str = "auto"  # auto (bf16 on a CPU that has it, else fp32; fp32 on a GPU), bf16 or fp32
@@ -64,11 +65,12 @@ class Config:
 
     # The range of each number option, checked in one line before main runs.
     RANGES = {"epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr": POSITIVE, "latent_size": AT_LEAST_1,
-              "kl_floor": NON_NEGATIVE, "road_weight": AT_LEAST_1, "val_fraction": FRACTION,
+              "kl_floor": NON_NEGATIVE, "road_weight": AT_LEAST_1,
+              "dashboard_weight": AT_LEAST_1, "val_fraction": FRACTION,
               "buffer_rollouts": AT_LEAST_1, "threads": NON_NEGATIVE, "seed": NON_NEGATIVE}
 
 
-WEIGHTINGS = ("plain", "road")
+WEIGHTINGS = ("plain", "road", "dashboard")
 SCHEDULES = ("constant", "cosine")
 WARMUP = 0.02  # share of the steps over which the cosine schedule's rate rises to --lr
 
@@ -94,6 +96,9 @@ def check_weighting(cfg: Config) -> None:
     if cfg.recon_weighting == "road" and cfg.view != "road":
         # road_mask's box around the car is where the car sits in the road view.
         raise fail("--recon-weighting road marks the road view's pixels; use it with --view road")
+    if cfg.recon_weighting == "dashboard" and cfg.view != "full":
+        raise fail("--recon-weighting dashboard weights the dashboard, which only the full view shows; "
+                   "use it with --view full")
 
 
 def refuse_other_settings(cfg: Config):
@@ -156,11 +161,14 @@ def split_rollouts(files: list[Path], val_fraction: float, seed: int) -> tuple[l
 
 
 
-def loss_weights(mask: torch.Tensor | None, cfg: Config, device: torch.device) -> torch.Tensor | None:
-    """The per-pixel weights of the reconstruction error for a batch's road
-    masks, on `device`; None (the paper's loss) for plain weighting."""
+def loss_weights(n: int, mask: torch.Tensor | None, cfg: Config, device: torch.device) -> torch.Tensor | None:
+    """The per-pixel weights of the reconstruction error for a batch of `n`
+    frames whose road masks are `mask` (n, 64, 64), on `device`; None (the
+    paper's loss) for plain weighting."""
     if cfg.recon_weighting == "plain":
         return None
+    if cfg.recon_weighting == "dashboard":
+        return recon_weights(torch.from_numpy(dashboard_mask(n)).to(device), cfg.dashboard_weight)
     return recon_weights(mask.to(device, non_blocking=True), cfg.road_weight)  # (B, 64, 64)
 
 
@@ -185,7 +193,8 @@ def evaluate(model: ConvVAE, files: list[Path], cfg: Config, device: torch.devic
                                             masks=True)):
         x = to_model_input(frames, device)
         recon, mu, logvar = model(x)
-        loss, rec, kl = vae_loss(recon, x, mu, logvar, cfg.kl_floor, loss_weights(mask, cfg, device))
+        weights = loss_weights(len(frames), mask, cfg, device)
+        loss, rec, kl = vae_loss(recon, x, mu, logvar, cfg.kl_floor, weights)
         plain = vae_loss(recon, x, mu, logvar, cfg.kl_floor)[1] if cfg.recon_weighting != "plain" else rec
         sums += np.array([loss.item(), rec.item(), kl.item(), plain.item()]) * len(x)
         regions += squared_error_by_region(recon, x, mask).cpu()
@@ -266,13 +275,13 @@ def main(cfg: Config) -> dict:
         sums, n = np.zeros(3), 0
         bar = tqdm(total=n_train, desc=f"epoch {epoch}", unit="img", leave=False)
         batches = frame_batches(train_files, cfg.batch_size, cfg.buffer_rollouts, bad, rng)
-        for frames, mask in prefetch(with_masks(batches, masks=cfg.recon_weighting != "plain")):
+        for frames, mask in prefetch(with_masks(batches, masks=cfg.recon_weighting == "road")):
             lr = lr_at(cfg, ((epoch - 1) * n_train + n) / (cfg.epochs * n_train))
             for group in opt.param_groups:  # also over the rate a resumed optimizer saved
                 group["lr"] = lr
             try:
                 values = train_step(model, opt, frames, device, dtype, cfg.kl_floor,
-                                    loss_weights(mask, cfg, device))
+                                    loss_weights(len(frames), mask, cfg, device))
             except FloatingPointError as e:
                 bar.close()
                 raise fail(f"training diverged in epoch {epoch}: {e}; {last_path} is left as it "

@@ -220,8 +220,9 @@ def test_the_stages_defaults_are_the_shipped_recipe():
     """Run with their defaults, the stages make the shipped agent's recipe:
     each Config's defaults are the settings its stage recorded in the shipped
     checkpoints, all but the folders that run used and the machine's own
-    (workers, device, threads). Collection's are the view V learned and the
-    rate M learned."""
+    (workers, device, threads); an option added since (a weight that only
+    another weighting reads) is the one setting a checkpoint may not record.
+    Collection's are the view V learned and the rate M learned."""
     import collect_rollouts, train_controller, train_mdnrnn, train_vae
 
     shipped = ROOT / "checkpoints" / "pretrained"
@@ -229,7 +230,7 @@ def test_the_stages_defaults_are_the_shipped_recipe():
     for name, script in (("vae.pt", train_vae), ("mdnrnn.pt", train_mdnrnn), ("controller.pt", train_controller)):
         recorded = torch.load(shipped / name, weights_only=True)["config"]
         defaults = dataclasses.asdict(script.Config())
-        assert set(recorded) == set(defaults), name
+        assert set(recorded) <= set(defaults), name
         differ = {k: (defaults[k], v) for k, v in recorded.items() if k not in own and defaults[k] != v}
         assert not differ, f"{script.__name__}.Config's defaults differ from {name}'s (default, recorded): {differ}"
     collect = collect_rollouts.Config()

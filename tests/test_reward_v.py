@@ -212,7 +212,37 @@ def test_script_end_to_end_with_road_weighting_feeds_m_and_c(tmp_path):
 
 def test_bad_weighting_flags_are_one_line(tmp_path):
     r = run_script("train_vae.py", "--data-dir", str(tmp_path), "--recon-weighting", "pixels")
-    assert error_line(r) == "error: --recon-weighting must be one of plain, road, got 'pixels'"
+    assert error_line(r) == "error: --recon-weighting must be one of plain, road, dashboard, got 'pixels'"
+    r = run_script("train_vae.py", "--data-dir", str(tmp_path), "--recon-weighting", "dashboard", "--view", "road")
+    assert error_line(r).startswith("error: --recon-weighting dashboard weights the dashboard, which only the "
+                                    "full view shows")
+
+
+# ---------------------------------------------------------------------------
+# train_vae.py --recon-weighting dashboard (the full view)
+
+
+def test_dashboard_weights_are_the_weight_on_rows_56_to_63():
+    cfg = train_vae.Config(view="full", recon_weighting="dashboard", dashboard_weight=10.0)
+    w = train_vae.loss_weights(3, None, cfg, torch.device("cpu"))
+    assert w.shape == (3, 64, 64)
+    # 512 dashboard pixels at weight 10 and 3584 others at 1, scaled to mean 1.
+    torch.testing.assert_close(w[:, 56:], torch.full((3, 8, 64), 10 * 4096 / (10 * 512 + 3584)))
+    torch.testing.assert_close(w[:, :56], torch.full((3, 56, 64), 4096 / (10 * 512 + 3584)))
+    assert train_vae.loss_weights(3, None, train_vae.Config(), torch.device("cpu")) is None  # plain
+
+
+def test_dashboard_weighting_is_recorded_and_reaches_the_loss(tmp_path):
+    data = road_rollouts(tmp_path / "rollouts")
+    for path in data.glob("*.npz"):  # the same frames, recorded as full-view ones
+        arrays = dict(np.load(path))
+        write_rollout(path, **arrays, view=np.array("full"))
+    train_vae.main(tiny(data, tmp_path / "dash", view="full", recon_weighting="dashboard",
+                        dashboard_weight=5.0))
+    v = load_checkpoint(tmp_path / "dash" / "vae.pt", "vae")
+    assert v["config"]["recon_weighting"] == "dashboard" and v["model_args"]["view"] == "full"
+    assert train_vae.describe_weighting(v["config"]) == "dashboard x5"
+    assert v["val_recon"] != v["val_recon_plain"]  # the weights did reach the loss
     r = run_script("train_vae.py", "--data-dir", str(tmp_path), "--road-weight", "0.5")
     assert error_line(r) == "error: --road-weight must be at least 1, got 0.5"
 

@@ -10,8 +10,9 @@ preprocesses as its V did. Frames stay uint8 on disk; they are scaled to
 [0, 1] floats only at the model's input.
 
 `road_mask` marks the pixels that matter for driving (road, kerbs, the road's
-edges, the car and its neighbourhood), from CarRacing-v3's palette, for V's
-optional weighted reconstruction loss (train_vae.py --recon-weighting road).
+edges, the car and its neighbourhood), from CarRacing-v3's palette, and
+`dashboard_mask` the full view's dashboard, for V's optional weighted
+reconstruction loss (train_vae.py --recon-weighting road or dashboard).
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ EDGE_PIXELS = 2
 # "on the road or about to leave it" shows, so it is marked even on grass.
 CAR_ROWS = slice(48, 61)  # rows 48..60
 CAR_COLS = slice(26, 39)  # columns 26..38
+# The full view's dashboard: rows 84-95 of the 96x96 frame are rows 56-63 of
+# the 64x64 one. Its bars are a few pixels each (the speed bar at most about
+# 2 x 3 at full speed), too few for the plain loss to draw them exactly.
+DASHBOARD_ROWS = slice(DASHBOARD_ROW * FRAME_SIZE // 96, FRAME_SIZE)  # rows 56..63
 
 
 def preprocess(frame: np.ndarray, view: str = "road") -> np.ndarray:
@@ -93,6 +98,14 @@ def road_mask(frames: np.ndarray) -> np.ndarray:
         mask = maximum_filter1d(mask, size, axis=axis, mode="constant")
     mask = mask.view(bool)
     mask[..., CAR_ROWS, CAR_COLS] = True
+    return mask
+
+
+def dashboard_mask(n: int) -> np.ndarray:
+    """(n, 64, 64) bool: True on the full view's dashboard (DASHBOARD_ROWS),
+    the same in every frame."""
+    mask = np.zeros((n, FRAME_SIZE, FRAME_SIZE), bool)
+    mask[:, DASHBOARD_ROWS] = True
     return mask
 
 

@@ -23,10 +23,11 @@ from wm.rollouts import BadRollout, array_headers, folder_setting, list_rollouts
 
 def describe_weighting(config: dict) -> str:
     """How the V of a checkpoint's `config` weighted its reconstruction error:
-    plain, or road with its weight. A V from before the option is plain."""
-    if config.get("recon_weighting", "plain") == "plain":
+    plain, or road or dashboard with its weight. A V from before the option is plain."""
+    kind = config.get("recon_weighting", "plain")
+    if kind == "plain":
         return "plain"
-    return f"{config['recon_weighting']} x{config['road_weight']:g}"
+    return f"{kind} x{config[kind + '_weight']:g}"
 
 
 def frame_count(path: Path) -> int:
