@@ -119,7 +119,7 @@ def agent_spec(cfg: Config) -> tuple[AgentSpec, np.ndarray | None]:
     controller = Controller.from_checkpoint(ckpt)
     _, _, fingerprints = load_models(cfg.ckpt_dir, controller.uses_memory)
     check_trained_with(ckpt, path, fingerprints)
-    spec.action_repeat = ckpt.get("action_repeat", 1)  # the frames each action was held in training
+    spec.action_repeat = ckpt["action_repeat"]  # the frames each action was held in training
     held = f", each action held {spec.action_repeat} frames" if spec.action_repeat != 1 else ""
     print(f"C: {controller.cfg.features}, {controller.n_params} parameters, generation "
           f"{ckpt.get('generation')}, held-out score {ckpt.get('held_out')}{held}")

@@ -41,8 +41,6 @@ usage: python train_controller.py --ckpt-dir checkpoints --pop-size 64 --rollout
 from __future__ import annotations
 
 import os
-import pickle
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -196,34 +194,12 @@ def check_config(cfg: Config) -> None:
 
 
 ES_STATE = "controller_es.npz"  # the search's resume state, plain arrays (wm/search.py)
-PICKLED_ES_STATE = "controller_es.pkl"  # what earlier versions wrote: carried over once
-
-# What a state saved before these keys existed was made with (real mode
-# leaves "mode" out of its signature), so that pickled states still resume.
-SIGNATURE_DEFAULTS = {"mode": "real", "action_repeat": 1}
-
-
-def carry_over_pickle(old: Path, new: Path) -> None:
-    """Rewrite a pickled CMA-ES state as a plain one, once, and remove it."""
-    print(f"warning: {old} is a pickle from an earlier version of this script, and loading a pickle runs "
-          f"whatever code it holds: load only one you trust. It is read once and rewritten as {new.name}.",
-          file=sys.stderr)
-    try:
-        with open(old, "rb") as f:
-            state = pickle.load(f)
-        es, rng = state.pop("es"), state.pop("np_random")
-    except Exception as e:
-        raise fail(f"{old} is unreadable ({type(e).__name__}: {e}); pass --restart to start over")
-    Search.from_pycma(es, rng).save(new, {**state, "best_held_out": float(state["best_held_out"])})
-    old.unlink()
 
 
 def load_es_state(ckpt_dir: Path, signature: dict) -> tuple[Search, dict] | None:
     """The saved search and its info, or None to start afresh; an error if
     it was made for another C, V, M or action repeat."""
-    path, old = ckpt_dir / ES_STATE, ckpt_dir / PICKLED_ES_STATE
-    if not path.is_file() and old.is_file():
-        carry_over_pickle(old, path)
+    path = ckpt_dir / ES_STATE
     if not path.is_file():
         return None
     try:
@@ -232,7 +208,8 @@ def load_es_state(ckpt_dir: Path, signature: dict) -> tuple[Search, dict] | None
         raise fail(f"{e}; pass --restart to start over")
     if not isinstance(info.get("signature"), dict) or "generation" not in info:
         raise fail(f"{path} is not a CMA-ES state of train_controller.py; pass --restart to start over")
-    made, this = {**SIGNATURE_DEFAULTS, **info["signature"]}, {**SIGNATURE_DEFAULTS, **signature}
+    # A real-mode run leaves "mode" out of its signature.
+    made, this = {"mode": "real", **info["signature"]}, {"mode": "real", **signature}
     if made["mode"] != this["mode"]:
         raise fail(f"{path} is from a {made['mode']}-mode run and this one is {this['mode']}-mode; pass "
                    f"--mode {made['mode']} to resume it, or --restart to start over")
@@ -253,8 +230,8 @@ def warm_start(path: str, controller: Controller, fingerprints: dict, action_rep
         raise fail(f"--init-from {path} is a C with {ckpt['model_args']}, this run's has "
                    f"{asdict(controller.cfg)}; give a controller.pt trained with the same --features")
     check_trained_with(ckpt, path, fingerprints)
-    if ckpt.get("action_repeat", 1) != action_repeat:
-        raise fail(f"--init-from {path} holds each action {ckpt.get('action_repeat', 1)} frames, this run "
+    if ckpt["action_repeat"] != action_repeat:
+        raise fail(f"--init-from {path} holds each action {ckpt['action_repeat']} frames, this run "
                    f"{action_repeat}; give a controller.pt trained with this mdnrnn.pt")
     controller.load_state_dict(ckpt["model"])
     print(f"warm start from {path} (generation {ckpt['generation']}, held-out {ckpt['held_out']:.1f})")
@@ -273,6 +250,57 @@ def pick_action_repeat(flag: int, mdnrnn) -> int:
                    f"(its rollouts were collected with --action-repeat {k}), and C acts at M's rate; "
                    f"leave --action-repeat out, or train M on rollouts collected with --action-repeat {flag}")
     return k
+
+
+def start_or_resume(cfg: Config, ckpt_dir: Path, controller: Controller, signature: dict,
+                    fingerprints: dict, action_repeat: int) -> tuple[Search, dict]:
+    """The search and its state: resumed from controller_es.npz, else started
+    afresh (from zero weights, the paper's start: steer straight, half gas; or
+    from --init-from); then widened once by --reset-sigma and resized to
+    --pop-size, if they ask for it."""
+    loaded = load_es_state(ckpt_dir, signature) if not cfg.restart else None
+    if loaded is None:
+        keep_finished(ckpt_dir / "controller.pt", ckpt_dir / ES_STATE, cfg.restart)
+        x0 = (warm_start(cfg.init_from, controller, fingerprints, action_repeat) if cfg.init_from
+              else np.zeros(controller.n_params))
+        search = Search.start(x0, cfg.sigma0, cfg.pop_size, cfg.seed + 1)  # cma reads seed 0 as "time"
+        state = {"generation": 0, "best_held_out": -np.inf, "signature": signature}
+    else:
+        search, state = loaded
+        warm = " (--init-from applies to a fresh start only)" if cfg.init_from else ""
+        print(f"resuming from {ckpt_dir / ES_STATE} at generation {state['generation']}{warm}")
+    # Once per value, so that rerunning the same command after an interruption
+    # resumes the widened search instead of widening it again.
+    if cfg.reset_sigma and state["generation"] and state.get("reset_sigma") != cfg.reset_sigma:
+        print(f"step size {search.es.sigma:.4f} -> {cfg.reset_sigma} (--reset-sigma)")
+        search.set_sigma(cfg.reset_sigma)
+        state["reset_sigma"] = cfg.reset_sigma
+    if state["generation"] and search.es.popsize != cfg.pop_size:
+        print(f"population {search.es.popsize} -> {cfg.pop_size}: CMA-ES goes on from its mean at step size "
+              f"{search.es.sigma:.4f}, its covariance reset")
+        search.resize(cfg.pop_size, cfg.seed + 1 + state["generation"])
+    return search, state
+
+
+def keep_if_best(state: dict, x: np.ndarray, scores: list[float], generation: int, controller: Controller,
+                 path: Path, record: dict) -> bool:
+    """Save the weights `x` as controller.pt when their held-out score beats
+    the best so far; `record` is what the checkpoint says of how C was made."""
+    score = float(np.mean(scores))
+    if score <= state["best_held_out"]:
+        return False
+    state["best_held_out"] = score
+    controller.set_flat(x)
+    save_checkpoint(path, {"kind": "controller", "model": controller.state_dict(), "generation": generation,
+                           "held_out": score, "held_out_std": float(np.std(scores)), **record})
+    return True
+
+
+def print_row(row: dict) -> None:
+    held = f"  held-out {row['held_out']:7.1f}" if "held_out" in row else ""
+    print(f"generation {row['generation']}  mean {row['mean']:7.1f}  best {row['best']:7.1f}  "
+          f"worst {row['worst']:7.1f}  sigma {row['sigma']:.4f}{held}  "
+          f"{row['steps_per_s']:.0f} steps/s  {row['seconds']:.1f} s", flush=True)
 
 
 @locked("ckpt_dir", "--ckpt-dir")  # one run at a time writes there
@@ -299,29 +327,7 @@ def main(cfg: Config) -> dict:
                  "action_repeat": action_repeat, **fingerprints}
     if cfg.mode == "dream":
         signature.update(mode="dream", dream_mdnrnn_fingerprint=world.mdnrnn_fingerprint)
-    loaded = load_es_state(ckpt_dir, signature) if not cfg.restart else None
-    if loaded is None:
-        keep_finished(ckpt_dir / "controller.pt", es_path, cfg.restart)
-    if loaded is None:
-        # The paper's code starts from zero weights: steer straight, half gas.
-        x0 = (warm_start(cfg.init_from, controller, fingerprints, action_repeat) if cfg.init_from
-              else np.zeros(controller.n_params))
-        search = Search.start(x0, cfg.sigma0, cfg.pop_size, cfg.seed + 1)  # cma reads seed 0 as "time"
-        state = {"generation": 0, "best_held_out": -np.inf, "signature": signature}
-    else:
-        search, state = loaded
-        warm = " (--init-from applies to a fresh start only)" if cfg.init_from else ""
-        print(f"resuming from {es_path} at generation {state['generation']}{warm}")
-    # Once per value, so that rerunning the same command after an interruption
-    # resumes the widened search instead of widening it again.
-    if cfg.reset_sigma and state["generation"] and state.get("reset_sigma") != cfg.reset_sigma:
-        print(f"step size {search.es.sigma:.4f} -> {cfg.reset_sigma} (--reset-sigma)")
-        search.set_sigma(cfg.reset_sigma)
-        state["reset_sigma"] = cfg.reset_sigma
-    if state["generation"] and search.es.popsize != cfg.pop_size:
-        print(f"population {search.es.popsize} -> {cfg.pop_size}: CMA-ES goes on from its mean at step size "
-              f"{search.es.sigma:.4f}, its covariance reset")
-        search.resize(cfg.pop_size, cfg.seed + 1 + state["generation"])
+    search, state = start_or_resume(cfg, ckpt_dir, controller, signature, fingerprints, action_repeat)
     es = state["es"] = search.es  # for a caller in this process: pycma's mean, sigma and result
     start = state["generation"]
     metrics = MetricsLog(ckpt_dir / "controller_metrics.csv", step_key="generation")
@@ -338,6 +344,7 @@ def main(cfg: Config) -> dict:
     spec = AgentSpec(ckpt_dir=str(ckpt_dir), controller=asdict(ccfg), fast=True,
                      max_steps=cfg.max_steps, action_repeat=action_repeat)
     held_out_seeds = [HELD_OUT_SEED + i for i in range(cfg.eval_episodes)]
+    record = {"model_args": asdict(ccfg), "config": asdict(cfg), "action_repeat": action_repeat, **fingerprints}
     try:
         with make_pool(cfg.backend, cfg.workers, EpisodeRunner, spec, ray_address=cfg.ray_address) as pool:
             fitness = dream if cfg.mode == "dream" else RealFitness(pool, cfg.batch_size, cfg.patience, cfg.race)
@@ -348,6 +355,7 @@ def main(cfg: Config) -> dict:
             # writing its first controller.pt still has a state to resume from.
             search.save(es_path, {k: v for k, v in state.items() if k != "es"})
             for gen in range(start, cfg.generations):
+                # Ask, evaluate, tell.
                 t0 = time.time()
                 solutions = search.ask()
                 rewards, steps = fitness(solutions, train_seeds(cfg.seed, gen, cfg.rollouts_per_member))
@@ -357,42 +365,32 @@ def main(cfg: Config) -> dict:
                 # cma minimises
                 search.tell(solutions, race_ranking(rewards, fitness.survivors) if cfg.race else -rewards)
                 row = {"generation": gen + 1, "mean": rewards.mean(), "best": rewards.max(),
-                       "worst": rewards.min(), "sigma": es.sigma,
-                       "steps_per_s": steps / (time.time() - t0)}
+                       "worst": rewards.min(), "sigma": es.sigma, "steps_per_s": steps / (time.time() - t0)}
                 frames = steps if cfg.mode == "real" else 0  # real frames: a dreamed step costs none
+
+                # Score the distribution's mean on the held-out tracks; keep the best.
                 if (gen + 1) % cfg.eval_every == 0 or gen + 1 == cfg.generations:
-                    mean_x = es.result.xfavorite  # the distribution's mean
+                    mean_x = es.result.xfavorite
                     scores, held_frames = score_held_out(pool, mean_x, held_out_seeds, cfg.batch_size)
                     frames += held_frames
                     row["held_out"] = float(np.mean(scores))
-                    if row["held_out"] > state["best_held_out"]:
-                        state["best_held_out"] = row["held_out"]
-                        controller.set_flat(mean_x)
-                        save_checkpoint(ckpt_dir / "controller.pt", {
-                            "kind": "controller", "model": controller.state_dict(),
-                            "model_args": asdict(ccfg), "config": asdict(cfg),
-                            "generation": gen + 1, "held_out": row["held_out"],
-                            "held_out_std": float(np.std(scores)), "action_repeat": action_repeat,
-                            **fingerprints})
-                        if cfg.mode == "dream":  # the new C in the real game beside its dream
-                            save_dream_strip(world.vae, world.mdnrnn, controller,
-                                             ckpt_dir / "controller_dream_strip.png", HELD_OUT_SEED,
-                                             cfg.temperature, cfg.max_steps)
+                    if (keep_if_best(state, mean_x, scores, gen + 1, controller, ckpt_dir / "controller.pt", record)
+                            and cfg.mode == "dream"):  # the new C in the real game beside its dream
+                        save_dream_strip(world.vae, world.mdnrnn, controller, ckpt_dir / "controller_dream_strip.png",
+                                         HELD_OUT_SEED, cfg.temperature, cfg.max_steps)
+
+                # Log. The row first: killed before the state, the resumed run drops
+                # it and redoes the generation; the other way round, the row would be lost.
                 row["seconds"] = time.time() - t0
                 state["frames"] = state.get("frames", 0) + frames  # held-out frames included
                 row["frames"] = state["frames"]
                 state["generation"] = gen + 1
-                # The row first: killed before the state, the resumed run drops it
-                # and redoes the generation; the other way round, the row would be lost.
                 metrics.append(row)
                 search.save(es_path, {k: v for k, v in state.items() if k != "es"})
                 metrics.plot(ckpt_dir / "controller_reward.png", ["mean", "best", "held_out"],
                              title=f"CMA-ES {'in M' if cfg.mode == 'dream' else 'on CarRacing-v3'} "
                                    f"(C: {cfg.features})", ylabel="reward")
-                held = f"  held-out {row['held_out']:7.1f}" if "held_out" in row else ""
-                print(f"generation {gen + 1}  mean {row['mean']:7.1f}  best {row['best']:7.1f}  "
-                      f"worst {row['worst']:7.1f}  sigma {es.sigma:.4f}{held}  "
-                      f"{row['steps_per_s']:.0f} steps/s  {row['seconds']:.1f} s", flush=True)
+                print_row(row)
     except WorkerError as e:
         raise fail(str(e)) from None
     print(f"best held-out score {state['best_held_out']:.1f}; C saved to {ckpt_dir / 'controller.pt'}")

@@ -154,10 +154,9 @@ def write_tiny_world_model(ckpt_dir: Path, latent_size: int = 8, hidden_size: in
 
 
 def write_tiny_controller(ckpt_dir: Path, features: str = "zh", seed: int = 0,
-                          action_repeat: int | None = None) -> Path:
+                          action_repeat: int = 1) -> Path:
     """A random C saved as `ckpt_dir/controller.pt` for the V and M already in
-    `ckpt_dir` (see write_tiny_world_model), as train_controller.py writes it;
-    without `action_repeat`, as it wrote it before that existed."""
+    `ckpt_dir` (see write_tiny_world_model), as train_controller.py writes it."""
     import torch
     from dataclasses import asdict
 
@@ -173,6 +172,6 @@ def write_tiny_controller(ckpt_dir: Path, features: str = "zh", seed: int = 0,
     path = Path(ckpt_dir) / "controller.pt"
     save_checkpoint(path, {"kind": "controller", "model": controller.state_dict(),
                            "model_args": asdict(cfg), "config": {}, "generation": 0,
-                           "held_out": 0.0, "held_out_std": 0.0, **fingerprints,
-                           **({"action_repeat": action_repeat} if action_repeat is not None else {})})
+                           "held_out": 0.0, "held_out_std": 0.0, "action_repeat": action_repeat,
+                           **fingerprints})
     return path

@@ -675,7 +675,7 @@ def test_missing_checkpoints_name_the_script_that_makes_them(tmp_path):
 def test_resume_with_other_features_or_another_v_is_refused(tmp_path):
     write_tiny_world_model(tmp_path)
     fingerprints = load_models(tmp_path, with_m=True)[2]
-    signature = {"features": "zh", "n_params": 75, "pop_size": 4, **fingerprints}
+    signature = {"features": "zh", "n_params": 75, "pop_size": 4, "action_repeat": 1, **fingerprints}
     Search.start(np.zeros(75), 0.1, 4, 1).save(tmp_path / "controller_es.npz", {
         "generation": 1, "best_held_out": 0.0, "signature": signature})
     with pytest.raises(UsageError, match="features = zh, this run has z"):

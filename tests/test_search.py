@@ -1,12 +1,10 @@
 """wm/search.py: CMA-ES's resume state in plain arrays, replayed exactly;
-the carry-over of a pickled state; a file that tries to run code."""
+a file that tries to run code."""
 
 from __future__ import annotations
 
 import os
-import pickle
 
-import cma
 import numpy as np
 import pytest
 from conftest import write_tiny_world_model
@@ -55,36 +53,6 @@ def test_a_resumed_search_proposes_exactly_what_the_uninterrupted_one_does(tmp_p
         assert all(f[k].dtype != object for k in f.files)
     assert (tmp_path / "es.npz").stat().st_size < 100_000
 
-
-def test_a_pickled_state_is_carried_over_once_with_a_warning(tmp_path, capsys):
-    """A state of 867 weights, pickled as earlier versions did: read once,
-    rewritten in at most 4 MB, removed; the search goes on with the same
-    mean, step size, paths and covariance, so it draws from the same
-    distribution (its eigenvectors are computed afresh, so not the same
-    samples)."""
-    write_tiny_world_model(tmp_path)
-    es = cma.CMAEvolutionStrategy(np.zeros(867), 0.1, {"popsize": 8, "seed": 3, "verbose": -9})
-    for _ in range(3):
-        xs = es.ask()
-        es.tell(xs, [sphere(x) for x in xs])
-    old = tmp_path / "controller_es.pkl"
-    signature = {"features": "zh", "n_params": 867, "action_repeat": 1}
-    old.write_bytes(pickle.dumps({"es": es, "generation": 3, "best_held_out": 12.5, "signature": signature,
-                                  "np_random": np.random.get_state(), "frames": 99}))
-    train_controller.carry_over_pickle(old, tmp_path / "controller_es.npz")
-    assert "loading a pickle runs whatever code it holds" in capsys.readouterr().err
-    assert not old.exists() and (tmp_path / "controller_es.npz").stat().st_size <= 4 * 2**20
-    search, info = Search.load(tmp_path / "controller_es.npz", progress=False)
-    assert info == {"generation": 3, "best_held_out": 12.5, "signature": signature, "frames": 99}
-    new = search.es
-    np.testing.assert_array_equal(new.mean, es.mean)
-    assert new.sigma == es.sigma and new.countiter == es.countiter == 3
-    np.testing.assert_array_equal(new.pc, es.pc)
-    np.testing.assert_array_equal(new.adapt_sigma.ps, es.adapt_sigma.ps)
-    np.testing.assert_allclose((new.sm.B * new.sm.D ** 2) @ new.sm.B.T, es.sm.C, atol=1e-12)
-    xs = search.ask()  # and it goes on
-    search.tell(xs, [sphere(x) for x in xs])
-    assert search.es.countiter == 4
 
 
 class RunsCode:

@@ -206,7 +206,7 @@ def load_agent(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> tupl
     controller = Controller.from_checkpoint(ckpt)
     vae, mdnrnn, fingerprints = load_models(ckpt_dir, controller.uses_memory, device)
     check_trained_with(ckpt, path, fingerprints)
-    return Agent(vae, controller, mdnrnn, device), ckpt.get("action_repeat", 1)
+    return Agent(vae, controller, mdnrnn, device), ckpt["action_repeat"]
 
 
 @dataclass

@@ -13,14 +13,6 @@ proposes exactly what the uninterrupted one would have. The file is an
 .npz of arrays plus one JSON string, read with allow_pickle=False, a few
 hundred KB after hundreds of generations.
 
-A search pickled by an earlier version of train_controller.py is carried
-over once (`from_pycma`): a new stretch starts from its mean, step size,
-covariance, evolution paths, counters and numpy's generator, the 'snapshot',
-which stores the covariance's upper triangle (3 MB for 867 weights). What
-that leaves out is derived again: the covariance's eigenvectors and the
-few quantities of pycma's (the previous means, the negative-update path)
-that steer only the next generation's update; the resumed search's next
-proposals therefore differ from the pickled one's in their last digits.
 """
 
 from __future__ import annotations
@@ -40,12 +32,6 @@ from wm.rollouts import NPZ_ERRORS
 
 class BadState(ValueError):
     pass
-
-
-def _numbers(obj, skip=()) -> dict:
-    """An object's attributes that are plain numbers, as JSON takes them."""
-    return {k: v.item() if isinstance(v, np.generic) else v for k, v in vars(obj).items()
-            if isinstance(v, (bool, int, float, np.generic)) and k not in skip}
 
 
 def _rng_state() -> tuple[np.ndarray, dict]:
@@ -80,44 +66,17 @@ class Search:
         search._begin(np.asarray(x0, dtype=float), sigma0, popsize, seed)
         return search
 
-    def _begin(self, mean: np.ndarray, sigma: float, popsize: int, seed: int, snapshot: dict | None = None,
+    def _begin(self, mean: np.ndarray, sigma: float, popsize: int, seed: int,
                rng: tuple[np.ndarray, dict] | None = None) -> None:
-        """A new stretch: a fresh pycma search at `mean`, with the snapshot's
-        covariance, paths and counters when given, drawing from numpy's
+        """A new stretch: a fresh pycma search at `mean`, drawing from numpy's
         generator as `rng` has it (keys, numbers), else as pycma's seed left it."""
         self.es = _new_es(mean, sigma, popsize, seed)
         meta = {"popsize": popsize, "seed": seed, "sigma0": float(sigma), "sigma_set": []}
         arrays = {"x0": mean.copy()}
-        if snapshot is not None:
-            meta["counters"], meta["adapt_sigma"] = snapshot["counters"], snapshot["adapt_sigma"]
-            arrays.update({k: v for k, v in snapshot.items() if isinstance(v, np.ndarray)})
-            self._apply_snapshot(arrays, meta)
         if rng is not None:
             _set_rng_state(*rng)
         arrays["rng_keys"], meta["rng"] = _rng_state()
         self.stretches.append({"meta": meta, "arrays": arrays, "told": []})
-
-    def _apply_snapshot(self, arrays: dict, meta: dict) -> None:
-        es, n = self.es, len(arrays["x0"])
-        upper = np.triu_indices(n)
-        C = np.zeros((n, n))
-        C[upper] = arrays["C"]
-        es.sm.C = C + np.triu(C, 1).T
-        es.sm._decompose_C()
-        es.sm.count_tell = es.sm.last_update = meta["counters"]["count_tell"]
-        # The search's vectors (mean, its previous values, the evolution paths)
-        # and numbers (counters, step sizes), and the step-size rule's own
-        # (CSA's, or TPA's: pycma's choice for a small population in many
-        # dimensions, which draws its first two members along the last mean shift).
-        for name in meta["counters"]["vectors"]:
-            setattr(es, name, arrays[f"v_{name}"].copy())
-        for name, value in meta["counters"]["numbers"].items():
-            setattr(es, name, value)
-        es.adapt_sigma.ps = arrays["ps"].copy()
-        for name, value in meta["adapt_sigma"].items():
-            setattr(es.adapt_sigma, name, value)
-        es.pop_injection_directions = [d.copy() for d in arrays["injections"]]
-        es.timer = cma.utilities.utils.ElapsedWCTime()  # pycma makes it at its first generation
 
     def ask(self) -> list[np.ndarray]:
         """The next generation's members."""
@@ -145,26 +104,6 @@ class Search:
         pycma adapts the covariance of C's hundreds of weights at a rate of
         about 2/n^2 a generation."""
         self._begin(self.es.mean.copy(), float(self.es.sigma), popsize, seed)
-
-    @classmethod
-    def from_pycma(cls, es: cma.CMAEvolutionStrategy, rng_state: tuple) -> "Search":
-        """Carry over a pickled pycma search and numpy's generator (see the module docstring)."""
-        n = es.N
-        vectors = {k: np.asarray(v, dtype=float).copy() for k, v in vars(es).items()
-                   if isinstance(v, np.ndarray) and v.shape == (n,) and k != "D"}  # D: from C
-        snapshot = {"C": np.asarray(es.sm.C)[np.triu_indices(n)].copy(),
-                    "ps": np.asarray(es.adapt_sigma.ps).copy(),
-                    "injections": np.array(es.pop_injection_directions, dtype=float).reshape(-1, n),
-                    **{f"v_{k}": v for k, v in vectors.items()},
-                    "counters": {"count_tell": int(es.sm.count_tell), "vectors": sorted(vectors),
-                                 "numbers": _numbers(es, skip=("N", "N_pheno"))},
-                    "adapt_sigma": _numbers(es.adapt_sigma)}
-        search = cls()
-        search._begin(np.asarray(es.mean, dtype=float).copy(), float(es.sigma), int(es.popsize),
-                      int(es.opts["seed"]), snapshot, rng=(rng_state[1], {
-                          "pos": int(rng_state[2]), "has_gauss": int(rng_state[3]),
-                          "cached_gaussian": float(rng_state[4])}))
-        return search
 
     # --- the file ---------------------------------------------------------------
 
@@ -200,11 +139,7 @@ class Search:
             with tqdm(total=total, desc="replaying CMA-ES", unit="gen", leave=False, disable=not progress) as bar:
                 for s in stretches:
                     m, a = s["meta"], s["arrays"]
-                    snapshot = ({**{k: v for k, v in a.items() if k not in ("x0", "rng_keys")},
-                                 "counters": m["counters"], "adapt_sigma": m["adapt_sigma"]}
-                                if "counters" in m else None)
-                    search._begin(a["x0"], m["sigma0"], m["popsize"], m["seed"], snapshot,
-                                  rng=(a["rng_keys"], m["rng"]))
+                    search._begin(a["x0"], m["sigma0"], m["popsize"], m["seed"], rng=(a["rng_keys"], m["rng"]))
                     search.stretches[-1]["meta"]["sigma_set"] = m["sigma_set"]
                     for values in s["told"]:
                         search.tell(search._ask(), values)
