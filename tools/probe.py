@@ -46,7 +46,7 @@ from wm.agent import load_agent, load_models, run_episode
 from wm.cli import AT_LEAST_1, NON_NEGATIVE, fail, run_main
 from wm.env import HELD_OUT_SEED, make_env
 from wm.files import write_atomically
-from wm.frames import preprocess, to_model_input
+from wm.frames import DASHBOARD_ROWS, preprocess, to_model_input
 from wm.latents import load_world_model
 from wm.policies import POLICIES
 
@@ -68,10 +68,9 @@ class Config:
 
 
 TARGETS = ("speed", "angular_velocity", "heading", "offset")
-# The dashboard as a V of the full view sees it: its 12 rows of the 96x96
-# frame are rows 56-63 of the 64x64 one; the speed bar and the four wheel bars
-# are in its left columns.
-DASHBOARD = (slice(56, 64), slice(0, 14))
+# The dashboard as a V of the full view sees it (rows 56-63 of the 64x64
+# frame); the speed bar and the four wheel bars are in its left columns.
+DASHBOARD = (DASHBOARD_ROWS, slice(0, 14))
 ALPHAS = 10.0 ** np.arange(-2, 5)  # ridge penalties tried, on standardized features
 
 
