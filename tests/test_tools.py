@@ -83,3 +83,38 @@ def test_the_curves_of_two_runs_side_by_side(tmp_path):
     assert rows == [["5", "5.0", "50.0", "105.0", "50.0"], ["10", "10.0", "100.0", "110.0", "100.0"]]
     assert png.stat().st_size > 1000
     assert "not found" in error_line(run_script("-m", "tools.curves", "--runs", f"a={tmp_path / 'none'}"))
+
+
+def test_the_dream_truth_command_measures_a_ladder(tmp_path):
+    """Real, dreamed and replayed returns of a C's ladder, on the real game
+    and in a tiny untrained M; what follows from the definitions holds."""
+    from conftest import write_tiny_controller
+
+    ckpt = tmp_path / "ckpt"
+    write_tiny_world_model(ckpt)
+    write_tiny_controller(ckpt, seed=1)
+    out, png = tmp_path / "truth.json", tmp_path / "truth.png"
+    r = run_script("-m", "tools.dream_truth", "--ckpt-dir", str(ckpt), "--episodes", "2", "--scales", "0,0.5,1",
+                   "--max-steps", "30", "--json", str(out), "--png", str(png))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    rows = result["controllers"]
+    assert list(rows) == [f"{ckpt / 'controller.pt'} x{s}" for s in ("0", "0.5", "1")]
+    for row in rows.values():
+        assert row["exploit_gap"] == pytest.approx(row["dreamed"] - row["replayed"])
+        assert [ep["seed"] for ep in row["episodes"]] == [100_000, 100_001]
+        for ep in row["episodes"]:
+            assert 1 <= ep["dream_steps"] <= 30 and ep["real"] > -100
+            assert ep["distance"][0] < 0.01  # the dream starts from the real first frame (V batched otherwise)
+            assert 0 < ep["faithful_steps"] <= ep["dream_steps"]
+    assert -1 <= result["rank_correlation"] <= 1 and png.stat().st_size > 1000
+
+    # Bad input is one line.
+    assert "--scales" in error_line(run_script("-m", "tools.dream_truth", "--ckpt-dir", str(ckpt),
+                                               "--scales", "half"))
+    assert "no such file" in error_line(run_script("-m", "tools.dream_truth", "--ckpt-dir", str(ckpt),
+                                                   "--controllers", str(tmp_path / "none.pt")))
+    write_tiny_world_model(tmp_path / "other", seed=2)
+    assert "trained with another vae.pt" in error_line(run_script(
+        "-m", "tools.dream_truth", "--ckpt-dir", str(tmp_path / "other"), "--controllers",
+        str(ckpt / "controller.pt")))

@@ -45,6 +45,7 @@ class DreamResult(NamedTuple):
     returns: torch.Tensor  # (P, R) sum of M's rewards until done or the time limit
     lengths: torch.Tensor  # (P, R) steps that counted
     zs: torch.Tensor | None  # (T + 1, P, R, Z) the dreamed z's from the start, when recorded
+    actions: torch.Tensor | None = None  # (T, P, R, 3) C's action at each dream step, when recorded
 
 
 def check_dream_heads(mdnrnn: MDNRNN, path: str | os.PathLike = "mdnrnn.pt") -> None:
@@ -166,9 +167,11 @@ class Dream:
         returns = torch.zeros(P, R, device=dev)
         lengths = torch.zeros(P, R, dtype=torch.long, device=dev)
         alive = torch.ones(P, R, dtype=torch.bool, device=dev)
-        zs = [z] if record else None
+        zs, actions = ([z], []) if record else (None, None)
         for _ in range(self.max_dream_steps):
             a = self.controller.forward_population(params, z, state[0].view(P, R, H))  # (P, R, A)
+            if record:
+                actions.append(a.float())
             out, state = m.step(z.reshape(P * R, Z), a.reshape(P * R, -1), state)
             out = MDNOutput(*(x.unflatten(0, (P, R)) for x in out))  # (P, R, ...)
             # One draw per rollout, shared by every member (see the docstring).
@@ -183,7 +186,9 @@ class Dream:
                 zs.append(z)
             if not alive.any():
                 break
-        return DreamResult(returns, lengths, torch.stack(zs) if record else None)
+        if not record:
+            return DreamResult(returns, lengths, None)
+        return DreamResult(returns, lengths, torch.stack(zs), torch.stack(actions))
 
     def __call__(self, solutions: list[np.ndarray], seeds: list[int]) -> tuple[np.ndarray, int]:
         """The fitness interface of train_controller.py: -> (mean dreamed
