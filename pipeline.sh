@@ -14,7 +14,7 @@ export SDL_VIDEODRIVER=${SDL_VIDEODRIVER:-dummy}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 python collect_rollouts.py --rollouts 200 --view road --action-repeat 1
-python train_vae.py --epochs 1 --view road --lr 1e-4 --lr-schedule constant
+python train_vae.py --epochs 1 --view road --recon-weighting plain --lr 1e-4 --lr-schedule constant
 python train_mdnrnn.py --epochs 30
 # C in the real game: at equal wall-clock time it beat C trained in M's
 # dream here (docs/dream.md has the dream's commands).

@@ -52,7 +52,7 @@ class Config:
     latent_size: int = 32  # size of z (paper: 32)
     kl_floor: float = 0.5  # free bits: KL floor per latent dimension, in nats (paper: 0.5)
     view: str = "full"  # what of the frame V sees (wm/frames.py): road (the paper's crop) or full (with the dashboard); the rollouts must be collected with the same --view
-    recon_weighting: str = "plain"  # plain: every pixel alike (the paper); road: road, kerbs, edges and the car's surroundings weighted up (road view); dashboard: the dashboard's rows weighted up (full view) (wm/frames.py)
+    recon_weighting: str = "dashboard"  # plain: every pixel alike (the paper); road: road, kerbs, edges and the car's surroundings weighted up (road view); dashboard: the dashboard's rows weighted up (full view) (wm/frames.py)
     road_weight: float = 10.0  # road weighting: a marked pixel's weight against 1 for grass, before scaling to mean 1 per frame (10: about 4/5 of the loss on about 28 in 100 pixels)
     dashboard_weight: float = 10.0  # dashboard weighting: a dashboard pixel's weight against 1 for the rest, before scaling to mean 1 (10: about 3/5 of the weight on the 1 in 8 pixels, most of them black)
     val_fraction: float = 0.1  # share of rollouts held out for validation (at least one)
@@ -98,7 +98,7 @@ def check_weighting(cfg: Config) -> None:
         raise fail("--recon-weighting road marks the road view's pixels; use it with --view road")
     if cfg.recon_weighting == "dashboard" and cfg.view != "full":
         raise fail("--recon-weighting dashboard weights the dashboard, which only the full view shows; "
-                   "use it with --view full")
+                   "use it with --view full, or pass --recon-weighting plain or road")
 
 
 def refuse_other_settings(cfg: Config):

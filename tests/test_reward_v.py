@@ -157,7 +157,7 @@ def road_rollouts(out_dir: Path, n: int = 3, steps: int = 16) -> Path:
 def tiny(data_dir, ckpt_dir, **kw) -> train_vae.Config:
     return train_vae.Config(**{"data_dir": str(data_dir), "ckpt_dir": str(ckpt_dir), "epochs": 1,
                                "batch_size": 16, "latent_size": 8, "precision": "fp32", "view": "road",
-                               **kw})  # road weighting marks the road view's pixels
+                               "recon_weighting": "plain", **kw})  # road weighting marks the road view's pixels
 
 
 @pytest.fixture(scope="module")
@@ -213,9 +213,10 @@ def test_script_end_to_end_with_road_weighting_feeds_m_and_c(tmp_path):
 def test_bad_weighting_flags_are_one_line(tmp_path):
     r = run_script("train_vae.py", "--data-dir", str(tmp_path), "--recon-weighting", "pixels")
     assert error_line(r) == "error: --recon-weighting must be one of plain, road, dashboard, got 'pixels'"
-    r = run_script("train_vae.py", "--data-dir", str(tmp_path), "--recon-weighting", "dashboard", "--view", "road")
-    assert error_line(r).startswith("error: --recon-weighting dashboard weights the dashboard, which only the "
-                                    "full view shows")
+    for weighting in (["--recon-weighting", "dashboard"], []):  # the default weighting, too
+        r = run_script("train_vae.py", "--data-dir", str(tmp_path), *weighting, "--view", "road")
+        assert error_line(r) == ("error: --recon-weighting dashboard weights the dashboard, which only the full "
+                                 "view shows; use it with --view full, or pass --recon-weighting plain or road")
 
 
 # ---------------------------------------------------------------------------
@@ -229,7 +230,7 @@ def test_dashboard_weights_are_the_weight_on_rows_56_to_63():
     # 512 dashboard pixels at weight 10 and 3584 others at 1, scaled to mean 1.
     torch.testing.assert_close(w[:, 56:], torch.full((3, 8, 64), 10 * 4096 / (10 * 512 + 3584)))
     torch.testing.assert_close(w[:, :56], torch.full((3, 56, 64), 4096 / (10 * 512 + 3584)))
-    assert train_vae.loss_weights(3, None, train_vae.Config(), torch.device("cpu")) is None  # plain
+    assert train_vae.loss_weights(3, None, train_vae.Config(recon_weighting="plain"), torch.device("cpu")) is None
 
 
 def test_dashboard_weighting_is_recorded_and_reaches_the_loss(tmp_path):

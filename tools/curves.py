@@ -3,7 +3,7 @@ fitness (runs with the same --seed drive the same tracks each generation, so
 their means compare on equal terms) and the held-out score, as a PNG and as
 a table every --every generations.
 
-usage: python -m tools.curves --runs full_view=checkpoints/pretrained,road_view=checkpoints/pretrained/road_view
+usage: python -m tools.curves --runs shipped=checkpoints/pretrained,full_view=checkpoints/pretrained/full_view,road_view=checkpoints/pretrained/road_view
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from wm.metrics import MetricsLog, save_figure
 
 @dataclass
 class Config:
-    runs: str = "shipped=checkpoints/pretrained,road_view=checkpoints/pretrained/road_view"  # comma-separated label=folder of a controller_metrics.csv
+    runs: str = "shipped=checkpoints/pretrained,full_view=checkpoints/pretrained/full_view,road_view=checkpoints/pretrained/road_view"  # comma-separated label=folder of a controller_metrics.csv
     until: int = 0  # the last generation shown (0: the shortest run's last)
     every: int = 5  # a table row every this many generations
 
