@@ -25,7 +25,9 @@ controller_metrics.csv and controller_reward.png.
 
 --mode dream scores the members inside M instead (wm/dream.py): the whole
 population dreams at once, from the first frames of the rollouts in
---latent-dir, at temperature --temperature; the held-out score stays real,
+--latent-dir (or, with --dream-start, from later steps of them, M's memory
+warmed up on the real steps before; --dream-frames long), at temperature
+--temperature; the held-out score stays real,
 so the curve shows how the dreamed policy transfers. It needs an M with
 reward and done heads, and also writes controller_dream_strip.png with each
 new controller.pt: that C in the real game beside its dream from the same
@@ -83,6 +85,8 @@ class Config:
     mode: str = "real"  # where members are scored: real = CarRacing-v3 (the paper), dream = inside M
     temperature: float = 1.0  # dream: tau of M's sampling; above 1 C cannot exploit M's flaws (the paper's VizDoom: 1.15)
     latent_dir: str = "data/latents"  # dream: episodes start from the first frames of these rollouts
+    dream_start: int = 0  # dream: start at this agent step of those rollouts or later (every 10th), M's memory warmed up on the real steps before it (0: the first frame, memory at zero, as the paper)
+    dream_frames: int = 0  # dream: an episode's time limit in frames (0: --max-steps); with --dream-start, a dream that ends while M still tracks the game
     device: str = "auto"  # dream: where the dream runs, auto, cpu or cuda (workers use the CPU)
     bf16: bool = False  # dream: M's matrix products in bfloat16, 2-3x faster on CPUs with bf16 instructions, ~3 digits
     backend: str = "local"  # where the workers run: local = processes here, ray = actors on a Ray cluster
@@ -92,6 +96,7 @@ class Config:
     RANGES = {"pop_size": AT_LEAST_2, "rollouts_per_member": AT_LEAST_1, "sigma0": POSITIVE,
               "reset_sigma": NON_NEGATIVE, "generations": AT_LEAST_1, "workers": AT_LEAST_1,
               "batch_size": AT_LEAST_1, "max_steps": AT_LEAST_1, "patience": NON_NEGATIVE,
+              "dream_start": NON_NEGATIVE, "dream_frames": NON_NEGATIVE,
               "eval_every": AT_LEAST_1, "eval_episodes": AT_LEAST_1, "seed": NON_NEGATIVE,
               "temperature": POSITIVE}
 
@@ -303,6 +308,11 @@ def print_row(row: dict) -> None:
           f"{row['steps_per_s']:.0f} steps/s  {row['seconds']:.1f} s", flush=True)
 
 
+def episode_frames(cfg: Config) -> int:
+    """A training episode's time limit in frames: a dream's may be shorter."""
+    return cfg.dream_frames or cfg.max_steps if cfg.mode == "dream" else cfg.max_steps
+
+
 @locked("ckpt_dir", "--ckpt-dir")  # one run at a time writes there
 def main(cfg: Config) -> dict:
     check_config(cfg)
@@ -314,8 +324,8 @@ def main(cfg: Config) -> dict:
                             features=cfg.features)
     controller = Controller(ccfg)
     if cfg.mode == "dream":
-        dream, world = make_dream(ckpt_dir, controller, cfg.latent_dir, cfg.temperature,
-                                  cfg.max_steps, resolve_device(cfg.device), cfg.bf16)
+        dream, world = make_dream(ckpt_dir, controller, cfg.latent_dir, cfg.temperature, episode_frames(cfg),
+                                  resolve_device(cfg.device), cfg.bf16, cfg.dream_start)
         mdnrnn = world.mdnrnn  # C may not read M itself, but it dreams in M
     action_repeat = pick_action_repeat(cfg.action_repeat, mdnrnn)
     del vae, mdnrnn  # the workers load their own copies
@@ -338,7 +348,7 @@ def main(cfg: Config) -> dict:
 
     held = f", each action held {action_repeat} frames" if action_repeat != 1 else ""
     print(f"C: {cfg.features}, {controller.n_params} parameters; population {cfg.pop_size} x "
-          f"{cfg.rollouts_per_member} rollouts of up to {cfg.max_steps} frames{held}"
+          f"{cfg.rollouts_per_member} rollouts of up to {episode_frames(cfg)} frames{held}"
           f"{' (racing: the better half drives the second half of them)' if cfg.race else ''}, {cfg.workers} "
           f"{'Ray actors' if cfg.backend == 'ray' else 'workers'}")
     spec = AgentSpec(ckpt_dir=str(ckpt_dir), controller=asdict(ccfg), fast=True,

@@ -13,7 +13,7 @@ from models import MDNRNN, MDNOutput, MDNRNNConfig, sample_next_z
 from models.controller import Controller, ControllerConfig
 from wm.checkpoint import load_checkpoint
 from wm.cli import UsageError, parse_config
-from wm.dream import Dream, check_dream_heads, load_start_states, noise_seed
+from wm.dream import Dream, StartStates, check_dream_heads, load_start_states, noise_seed
 from wm.rollouts import rollout_path, write_rollout
 
 Z, H = 8, 16  # the tiny sizes of conftest.write_tiny_world_model
@@ -202,11 +202,67 @@ def test_an_m_without_reward_or_done_head_is_refused():
 def test_start_states_are_first_frames_of_this_v(tmp_path):
     paths = write_tiny_latents(tmp_path / "lat", "abc", n=3)
     starts = load_start_states(tmp_path / "lat", "abc")
-    np.testing.assert_array_equal(starts.numpy(), np.stack([np.load(p)["mu"][0] for p in paths]))
+    np.testing.assert_array_equal(starts.z.numpy(), np.stack([np.load(p)["mu"][0] for p in paths]))
+    assert starts.h is None and starts.c is None  # M's memory at zero
     with pytest.raises(UsageError, match="another V"):
         load_start_states(tmp_path / "lat", "def")
     with pytest.raises(UsageError, match="train_mdnrnn.py"):
         load_start_states(tmp_path / "nowhere", "abc")
+
+
+def test_warm_starts_are_m_s_memory_after_the_real_steps_before_them(tmp_path):
+    """--dream-start 5 on rollouts of 25 steps: starts at steps 5 and 15 of
+    each, with the (h, c) that M's sequence model (nn.LSTM, not the step
+    the dream uses) reaches over the real z's and actions before them."""
+    paths = write_tiny_latents(tmp_path / "lat", "abc", n=3, steps=25)
+    paths.append(write_tiny_latents(tmp_path / "short", "abc", n=1, steps=12)[0])  # one start only, at 5
+    (tmp_path / "lat" / "rollout_short.npz").write_bytes(paths[-1].read_bytes())
+    m = tiny_m()
+    starts = load_start_states(tmp_path / "lat", "abc", m, start_step=5)
+    files = sorted((tmp_path / "lat").glob("*.npz"))  # the order load_start_states reads them in
+    expected = [(f, t) for t in (5, 15) for f in files if t < len(np.load(f)["mu"])]
+    assert len(starts.z) == len(expected) == 7
+    with torch.no_grad():
+        for i, (f, t) in enumerate(expected):
+            data = np.load(f)
+            z, a = (torch.as_tensor(data[k][None, :t]) for k in ("mu", "actions"))
+            _, (h, c) = m(z, a)
+            np.testing.assert_array_equal(starts.z[i].numpy(), data["mu"][t])
+            torch.testing.assert_close(starts.h[i], h[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(starts.c[i], c[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(UsageError, match="no readable latent files longer than 30 steps.*smaller --dream-start"):
+        load_start_states(tmp_path / "lat", "abc", m, start_step=30)
+
+
+def test_a_dream_from_a_warm_start_acts_on_that_memory():
+    m, c = tiny_m(), Controller(ControllerConfig(latent_size=Z, hidden_size=H))
+    g = torch.Generator().manual_seed(0)
+    starts = StartStates(torch.randn(3, Z, generator=g), torch.randn(3, H, generator=g),
+                         torch.randn(3, H, generator=g))
+    params = torch.randn(4, c.n_params, generator=g)
+    dream = Dream(m, c, starts, max_steps=5)
+    seeds = [7, 8]
+    idx = dream.start_indices(seeds)
+    first = dream.run(params, seeds, record=True).actions[0]  # (P, R, 3)
+    P, R = len(params), len(seeds)
+    want = c.forward_population(params, starts.z[idx].expand(P, R, Z), starts.h[idx].expand(P, R, H))
+    torch.testing.assert_close(first, want)
+    cold = Dream(m, c, starts.z, max_steps=5).run(params, seeds, record=True).actions[0]
+    assert not torch.allclose(cold, want)  # memory at zero acts otherwise
+
+
+def test_dream_start_and_frames_reach_the_dream(tmp_path, monkeypatch):
+    import train_controller
+
+    ckpt, latents = dream_setup(tmp_path)
+    made = []
+    real = train_controller.make_dream
+    monkeypatch.setattr(train_controller, "make_dream", lambda *a: made.append(a) or real(*a))
+    train_controller.main(dream_config(ckpt, latents, dream_start=3, dream_frames=8, generations=1))
+    (_, _, _, _, max_frames, _, _, start_step), = made
+    assert (max_frames, start_step) == (8, 3)
+    c = load_checkpoint(ckpt / "controller.pt", "controller")
+    assert c["config"]["dream_start"] == 3 and np.isfinite(c["held_out"])
 
 
 def test_bench_dream_rates_are_dreamed_steps_over_each_variant_s_seconds(monkeypatch):

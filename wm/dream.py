@@ -2,7 +2,10 @@
 
 A dream episode starts, like a real one, from the first frame of an episode
 (V's mean for the first frame of a rollout in the latent data set) with M's
-memory at zero. Each step C reads [z, h] and acts, M's one-step cell
+memory at zero; or, with a start step s > 0, from a later point of a real
+rollout (step s, s + 10, ...), with M's memory warmed up on that rollout's
+real z's and actions before it, so that the dream begins where M knows
+where it is. Each step C reads [z, h] and acts, M's one-step cell
 advances (h, c), the next z is sampled from M's mixture at temperature tau,
 and M's heads give the reward and whether the episode ends (a Bernoulli draw
 from the done head). An episode runs until done or `max_steps` frames; the
@@ -58,8 +61,23 @@ def check_dream_heads(mdnrnn: MDNRNN, path: str | os.PathLike = "mdnrnn.pt") -> 
                    f"removes the head)")
 
 
-def load_start_states(latent_dir: str | os.PathLike, vae_fingerprint: str) -> torch.Tensor:
-    """V's mean for the first frame of every rollout in `latent_dir` -> (N, Z).
+START_EVERY = 10  # with a start step s > 0, a rollout gives starts at steps s, s + 10, ...
+
+
+class StartStates(NamedTuple):
+    z: torch.Tensor  # (N, Z) V's mean at each start
+    h: torch.Tensor | None = None  # (N, H) M's memory there, warmed up on the real steps before it
+    c: torch.Tensor | None = None  # (N, H) the LSTM's cell state; None, with h: zeros (a first frame)
+
+
+def load_start_states(latent_dir: str | os.PathLike, vae_fingerprint: str, mdnrnn: MDNRNN | None = None,
+                      start_step: int = 0) -> StartStates:
+    """The start states of dreams from the rollouts in `latent_dir`.
+
+    start_step 0: V's mean for the first frame of every rollout, M's memory
+    at zero. start_step s > 0: every 10th step from s of each rollout long
+    enough, with M's (h, c) after stepping `mdnrnn` through the real z's
+    (V's means) and actions before it, as the agent's M would have it there.
 
     Unreadable files are skipped with a warning; files encoded by another V
     are an error (their z means something else to M).
@@ -76,7 +94,7 @@ def load_start_states(latent_dir: str | os.PathLike, vae_fingerprint: str) -> to
     if not files:
         raise fail(f"no latent files in {latent_dir}; run train_mdnrnn.py (it encodes the "
                    f"rollouts there) or point --latent-dir at its --latent-dir")
-    starts, other_v = [], 0
+    rollouts, other_v = [], 0
     for path in files:
         try:
             data = read_latents(path)
@@ -85,25 +103,55 @@ def load_start_states(latent_dir: str | os.PathLike, vae_fingerprint: str) -> to
             continue
         if str(data["vae_fingerprint"]) != vae_fingerprint:
             other_v += 1
-        elif len(data["mu"]):
-            starts.append(data["mu"][0])
+        elif len(data["mu"]) > start_step:
+            rollouts.append((data["mu"], data["actions"]))
     if other_v:
         raise fail(f"{other_v} of {len(files)} latent files in {latent_dir} were encoded by "
                    f"another V than vae.pt ({vae_fingerprint}); rerun train_mdnrnn.py with this "
                    f"--latent-dir to re-encode them")
-    if not starts:
-        raise fail(f"no readable latent files in {latent_dir}; rerun train_mdnrnn.py")
-    return torch.as_tensor(np.stack(starts))
+    if not rollouts:
+        longer = f" longer than {start_step} steps" if start_step else ""
+        raise fail(f"no readable latent files{longer} in {latent_dir}; rerun train_mdnrnn.py"
+                   + (", or pass a smaller --dream-start" if start_step else ""))
+    if start_step == 0:
+        return StartStates(torch.as_tensor(np.stack([mu[0] for mu, _ in rollouts])))
+    return warm_starts(mdnrnn, rollouts, start_step)
+
+
+@torch.no_grad()
+def warm_starts(mdnrnn: MDNRNN, rollouts: list[tuple[np.ndarray, np.ndarray]], start_step: int) -> StartStates:
+    """M stepped through each rollout's real (z, action) pairs, all rollouts
+    in one batch; the state before reading step t is kept at t = start_step,
+    start_step + 10, ... -> StartStates of every such (rollout, step)."""
+    T = max(len(mu) for mu, _ in rollouts)
+    Z = rollouts[0][0].shape[1]
+    mus, acts = np.zeros((len(rollouts), T, Z), np.float32), np.zeros((len(rollouts), T, 3), np.float32)
+    for i, (mu, a) in enumerate(rollouts):
+        mus[i, :len(mu)], acts[i, :len(a)] = mu, a
+    lengths = torch.as_tensor([len(mu) for mu, _ in rollouts])
+    mus, acts = torch.as_tensor(mus), torch.as_tensor(acts)
+    m = mdnrnn.float().eval()
+    state = m.initial_state(len(rollouts), "cpu")
+    zs, hs, cs = [], [], []
+    for t in range(T):
+        if t >= start_step and (t - start_step) % START_EVERY == 0:
+            there = lengths > t
+            zs.append(mus[there, t])
+            hs.append(state[0][there])
+            cs.append(state[1][there])
+        _, state = m.step(mus[:, t], acts[:, t], state)
+    return StartStates(torch.cat(zs), torch.cat(hs), torch.cat(cs))
 
 
 def make_dream(ckpt_dir: str | os.PathLike, controller: Controller, latent_dir: str | os.PathLike,
                temperature: float = 1.0, max_steps: int = 1000, device: torch.device | str = "cpu",
-               bf16: bool = False) -> tuple["Dream", WorldModel]:
+               bf16: bool = False, start_step: int = 0) -> tuple["Dream", WorldModel]:
     """The dream of the V and M in `ckpt_dir`, starting from the latents in
-    `latent_dir`, for controllers shaped like `controller` -> (dream, world)."""
+    `latent_dir` (at `start_step`, see load_start_states), for controllers
+    shaped like `controller` -> (dream, world)."""
     world = load_world_model(ckpt_dir, device)
     check_dream_heads(world.mdnrnn, Path(ckpt_dir) / "mdnrnn.pt")
-    starts = load_start_states(latent_dir, world.vae_fingerprint)
+    starts = load_start_states(latent_dir, world.vae_fingerprint, copy.deepcopy(world.mdnrnn).cpu(), start_step)
     return Dream(world.mdnrnn, controller, starts, temperature, max_steps, device, bf16), world
 
 
@@ -116,13 +164,14 @@ class Dream:
     """M as a batched environment for a population of controllers.
 
     `controller` gives C's structure (its own weights are not used); `starts`
-    (N, Z) are the start states to draw from; `max_steps` is in frames. `bf16`
+    are the start states to draw from: StartStates, or an (N, Z) tensor of
+    first frames (M's memory at zero); `max_steps` is in frames. `bf16`
     runs the matrix products in bfloat16 (autocast; M's memory stays float32):
     about 3x faster on a CPU with bf16 instructions, at about 3 significant
     digits in M's outputs.
     """
 
-    def __init__(self, mdnrnn: MDNRNN, controller: Controller, starts: torch.Tensor,
+    def __init__(self, mdnrnn: MDNRNN, controller: Controller, starts: StartStates | torch.Tensor,
                  temperature: float = 1.0, max_steps: int = 1000,
                  device: torch.device | str = "cpu", bf16: bool = False):
         if not temperature > 0:
@@ -131,7 +180,8 @@ class Dream:
         self.device = torch.device(device)
         self.mdnrnn = mdnrnn.to(self.device).eval().requires_grad_(False)
         self.controller = copy.deepcopy(controller).to(self.device)  # for its structure only
-        self.starts = starts.to(self.device, torch.float32)  # (N, Z)
+        starts = starts if isinstance(starts, StartStates) else StartStates(starts)
+        self.starts = StartStates(*(None if x is None else x.to(self.device, torch.float32) for x in starts))
         self.temperature = temperature
         self.action_repeat = mdnrnn.cfg.action_repeat  # frames per dream step
         self.max_frames = max_steps
@@ -140,7 +190,7 @@ class Dream:
 
     def start_indices(self, seeds: list[int]) -> list[int]:
         """Rollout r starts from the start state its seed picks."""
-        return [int(np.random.default_rng(int(s)).integers(len(self.starts))) for s in seeds]
+        return [int(np.random.default_rng(int(s)).integers(len(self.starts.z))) for s in seeds]
 
     def run(self, params, seeds: list[int], z0: torch.Tensor | None = None,
             record: bool = False) -> DreamResult:
@@ -148,7 +198,7 @@ class Dream:
 
         params: (P, n_params) C's flat weights, one row per member (array or tensor).
         seeds: one per rollout; they pick the start states and the noise.
-        z0: (R, Z) start states to use instead of the drawn ones.
+        z0: (R, Z) start states to use instead of the drawn ones, M's memory at zero.
         """
         with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             return self._run(params, seeds, z0, record)
@@ -159,10 +209,13 @@ class Dream:
                                  dtype=torch.float32, device=dev)
         P, R = params.shape[0], len(seeds)
         Z, H, K = m.cfg.latent_size, m.cfg.hidden_size, m.cfg.n_gaussians
-        if z0 is None:
-            z0 = self.starts[self.start_indices(seeds)]  # (R, Z)
-        z = z0.to(dev, torch.float32).expand(P, R, Z)  # (P, R, Z)
         state = m.initial_state(P * R, dev)  # (h, c), each (P * R, H)
+        if z0 is None:
+            idx = self.start_indices(seeds)
+            z0 = self.starts.z[idx]  # (R, Z)
+            if self.starts.h is not None:  # warmed up on real steps: every member from the same (h, c)
+                state = tuple(x[idx].expand(P, R, H).reshape(P * R, H) for x in self.starts[1:])
+        z = z0.to(dev, torch.float32).expand(P, R, Z)  # (P, R, Z)
         g = torch.Generator(device=dev).manual_seed(noise_seed(seeds))
         returns = torch.zeros(P, R, device=dev)
         lengths = torch.zeros(P, R, dtype=torch.long, device=dev)
