@@ -310,7 +310,7 @@ def print_row(row: dict) -> None:
 
 def episode_frames(cfg: Config) -> int:
     """A training episode's time limit in frames: a dream's may be shorter."""
-    return cfg.dream_frames or cfg.max_steps if cfg.mode == "dream" else cfg.max_steps
+    return (cfg.dream_frames or cfg.max_steps) if cfg.mode == "dream" else cfg.max_steps
 
 
 @locked("ckpt_dir", "--ckpt-dir")  # one run at a time writes there

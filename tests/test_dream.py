@@ -214,9 +214,9 @@ def test_warm_starts_are_m_s_memory_after_the_real_steps_before_them(tmp_path):
     """--dream-start 5 on rollouts of 25 steps: starts at steps 5 and 15 of
     each, with the (h, c) that M's sequence model (nn.LSTM, not the step
     the dream uses) reaches over the real z's and actions before them."""
-    paths = write_tiny_latents(tmp_path / "lat", "abc", n=3, steps=25)
-    paths.append(write_tiny_latents(tmp_path / "short", "abc", n=1, steps=12)[0])  # one start only, at 5
-    (tmp_path / "lat" / "rollout_short.npz").write_bytes(paths[-1].read_bytes())
+    write_tiny_latents(tmp_path / "lat", "abc", n=3, steps=25)
+    short, = write_tiny_latents(tmp_path / "short", "abc", n=1, steps=12)  # one start only, at 5
+    (tmp_path / "lat" / "rollout_short.npz").write_bytes(short.read_bytes())
     m = tiny_m()
     starts = load_start_states(tmp_path / "lat", "abc", m, start_step=5)
     files = sorted((tmp_path / "lat").glob("*.npz"))  # the order load_start_states reads them in

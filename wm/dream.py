@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from models.controller import Controller
 from models.mdnrnn import MDNRNN, MDNOutput
@@ -121,25 +122,22 @@ def load_start_states(latent_dir: str | os.PathLike, vae_fingerprint: str, mdnrn
 @torch.no_grad()
 def warm_starts(mdnrnn: MDNRNN, rollouts: list[tuple[np.ndarray, np.ndarray]], start_step: int) -> StartStates:
     """M stepped through each rollout's real (z, action) pairs, all rollouts
-    in one batch; the state before reading step t is kept at t = start_step,
-    start_step + 10, ... -> StartStates of every such (rollout, step)."""
-    T = max(len(mu) for mu, _ in rollouts)
-    Z = rollouts[0][0].shape[1]
-    mus, acts = np.zeros((len(rollouts), T, Z), np.float32), np.zeros((len(rollouts), T, 3), np.float32)
-    for i, (mu, a) in enumerate(rollouts):
-        mus[i, :len(mu)], acts[i, :len(a)] = mu, a
-    lengths = torch.as_tensor([len(mu) for mu, _ in rollouts])
-    mus, acts = torch.as_tensor(mus), torch.as_tensor(acts)
-    m = mdnrnn.float().eval()
-    state = m.initial_state(len(rollouts), "cpu")
+    in one batch (padded to the longest), on M's device; the state before
+    reading step t is kept at t = start_step, start_step + 10, ... ->
+    StartStates of every such (rollout, step)."""
+    dev = mdnrnn.mdn.weight.device
+    mus, acts = (pad_sequence([torch.as_tensor(r[i]) for r in rollouts], batch_first=True).to(dev)
+                 for i in (0, 1))  # (N, T, Z), (N, T, 3)
+    lengths = torch.as_tensor([len(mu) for mu, _ in rollouts], device=dev)
+    state = mdnrnn.initial_state(len(rollouts), dev)
     zs, hs, cs = [], [], []
-    for t in range(T):
+    for t in range(mus.shape[1]):
         if t >= start_step and (t - start_step) % START_EVERY == 0:
             there = lengths > t
             zs.append(mus[there, t])
             hs.append(state[0][there])
             cs.append(state[1][there])
-        _, state = m.step(mus[:, t], acts[:, t], state)
+        _, state = mdnrnn.step(mus[:, t], acts[:, t], state)
     return StartStates(torch.cat(zs), torch.cat(hs), torch.cat(cs))
 
 
@@ -151,7 +149,7 @@ def make_dream(ckpt_dir: str | os.PathLike, controller: Controller, latent_dir: 
     shaped like `controller` -> (dream, world)."""
     world = load_world_model(ckpt_dir, device)
     check_dream_heads(world.mdnrnn, Path(ckpt_dir) / "mdnrnn.pt")
-    starts = load_start_states(latent_dir, world.vae_fingerprint, copy.deepcopy(world.mdnrnn).cpu(), start_step)
+    starts = load_start_states(latent_dir, world.vae_fingerprint, world.mdnrnn, start_step)
     return Dream(world.mdnrnn, controller, starts, temperature, max_steps, device, bf16), world
 
 
