@@ -60,6 +60,7 @@ class Config:
     strip_start: int = 100  # row the strip's dream starts from (CarRacing zooms in first)
     dream_temperature: float = 1.0  # tau for the strip's dream (the paper's Doom dreams: 1.15)
     restart: bool = False  # ignore mdnrnn_last.pt and start from scratch (else a rerun resumes)
+    init_from: str = ""  # a fresh start's weights: this mdnrnn.pt's (fine-tuning an M on new rollouts) instead of random ones
     seed: int = 0  # data split, batch order and z sampling
     device: str = "auto"  # auto, cpu or cuda
 
@@ -187,8 +188,9 @@ def hold_out_like_v(latents: list[tuple[Path, dict]], vae_ckpt: dict,
     same tracks (another --action-repeat) holds out the same tracks: its
     held-out loss and strip are then on tracks neither V nor M learned from.
     A vae.pt that records no split, or none of whose validation tracks is in
-    --data-dir, gets a warning and the old rule: the last rollouts in file
-    order (--val-fraction, at least one when there are two)."""
+    --data-dir, gets a warning and the old rule: every m-th rollout in file
+    order, m = 1 / --val-fraction (the last one when none is; at least one
+    when there are two)."""
     v_val = recorded_tracks(vae_ckpt, "val_rollouts")
     if v_val is not None:
         val = [pair for pair in latents if track_of(pair[0]) in v_val]
@@ -201,10 +203,36 @@ def hold_out_like_v(latents: list[tuple[Path, dict]], vae_ckpt: dict,
         why = f"none of the {len(latents)} rollouts in {cfg.data_dir} is on V's validation tracks"
     else:
         why = "vae.pt does not record which rollouts V held out (it predates that)"
-    n_val = min(len(latents) - 1, max(1, round(cfg.val_fraction * len(latents)))) if len(latents) > 1 else 0
-    print(f"warning: {why}; M holds out the last {n_val} of them instead, which V may have "
-          f"trained on", file=sys.stderr)
-    return latents[:len(latents) - n_val], latents[len(latents) - n_val:]
+    if len(latents) < 2:
+        print(f"warning: {why}, and one rollout is all there is: M holds none out", file=sys.stderr)
+        return latents, []
+    # Every m-th file in name order, else the last: a folder that grows by
+    # newer tracks (a loop that collects every round) keeps its split, and
+    # the newest rollouts are trained on too.
+    every = max(1, round(1 / cfg.val_fraction)) if cfg.val_fraction > 0 else len(latents) + 1
+    val_at = set(range(every - 1, len(latents), every)) or {len(latents) - 1}
+    val_at.discard(0)  # one is left to train on
+    print(f"warning: {why}; M holds out every {every}th of them instead ({len(val_at)}), which V may "
+          f"have trained on", file=sys.stderr)
+    return ([p for i, p in enumerate(latents) if i not in val_at],
+            [p for i, p in enumerate(latents) if i in val_at])
+
+
+def init_from(path: str, model: MDNRNN, mcfg: MDNRNNConfig, vae_fp: str) -> None:
+    """Start from the weights of the mdnrnn.pt at `path`: an M of this size,
+    trained on codes of this V."""
+    if not Path(path).is_file():
+        raise fail(f"--init-from {path}: no such file; give the mdnrnn.pt to fine-tune")
+    ckpt = load_checkpoint(path, kind="mdnrnn")
+    if ckpt.get("vae_fingerprint") != vae_fp:
+        raise fail(f"--init-from {path} learned the codes of another V (vae fingerprint "
+                   f"{ckpt.get('vae_fingerprint')}, vae.pt is {vae_fp}); give an M trained with this vae.pt")
+    saved = asdict(MDNRNNConfig(**ckpt["model_args"]))
+    if saved != asdict(mcfg):
+        raise fail(f"--init-from {path} is an M with {saved}, this run's has {asdict(mcfg)}; match "
+                   f"--hidden-size, --n-gaussians and the heads' weights, or give another mdnrnn.pt")
+    model.load_state_dict(ckpt["model"])
+    print(f"starting from {path}'s weights (epoch {ckpt.get('epoch')}, val {ckpt.get('val_loss')})")
 
 
 @locked("ckpt_dir", "--ckpt-dir")  # one run at a time writes there
@@ -252,6 +280,8 @@ def main(cfg: Config) -> dict:
     last = resume_training(last_path, "mdnrnn", model, optimizer, asdict(mcfg), cfg.restart, same_v)
     if last is not None:
         start_epoch, best = last["epoch"], last["best_val"]
+    elif cfg.init_from:
+        init_from(cfg.init_from, model, mcfg, vae_fp)
     metrics.truncate_after(start_epoch)
 
     print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters")

@@ -376,3 +376,84 @@ def test_dream_mode_refuses_bad_input(tmp_path):
                    str(latents), "--workers", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no done head" in r.stderr and "--done-weight" in r.stderr
+
+
+def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
+    """experiments/dream_loop.py, two tiny rounds end to end as a user runs
+    it: laps of the first driver, then of round 1's C; an M and a C per
+    round; a metrics row per round whose real frames add up."""
+    import csv
+
+    from conftest import error_line, write_tiny_controller
+
+    driver = tmp_path / "driver"
+    write_tiny_world_model(driver, action_repeat=2)
+    write_tiny_controller(driver, action_repeat=2)
+    out, data = tmp_path / "loop", tmp_path / "rollouts"
+    flags = ["--out-dir", str(out), "--vae", str(driver / "vae.pt"), "--mdnrnn", str(driver / "mdnrnn.pt"),
+             "--first-driver", str(driver), "--data-dir", str(data), "--latent-dir", str(tmp_path / "latents"),
+             "--first-rollouts", "2", "--rollouts", "1", "--m-epochs", "1", "--generations", "2",
+             "--pop-size", "4", "--rollouts-per-member", "2", "--dream-start", "2", "--dream-frames", "8",
+             "--eval-every", "1", "--eval-episodes", "1", "--truth-episodes", "1", "--truth-scales", "0,1",
+             "--replays", "2", "--max-steps", "30", "--workers", "1"]
+    r = run_script("-m", "experiments.dream_loop", "--rounds", "2", *flags, timeout=600)
+    assert r.returncode == 0, r.stderr
+    with open(out / "loop_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["round"]) for row in rows] == [1, 2]
+    # M learned from every lap so far and round 1's two replayed windows.
+    assert [int(row["rollouts"]) for row in rows] == [2, 5]
+    laps = [f"rollout_{s:07d}.npz" for s in range(10800, 10803)]
+    assert sorted(p.name for p in data.glob("*.npz") if p.name in laps) == laps
+    assert len([p for p in data.glob("*_w1_*.npz")]) == 2 and len([p for p in data.glob("*_w2_*.npz")]) == 2
+    assert int(rows[0]["lap_frames"]) == 2 * 30 and int(rows[1]["lap_frames"]) == 30  # tiny Cs finish no lap
+    for row in rows:
+        assert int(row["held_out_frames"]) == 2 * 30  # the CMA-ES mean on 1 held-out track, twice
+        assert int(row["truth_frames"]) > 0 and int(row["replay_frames"]) > 0
+    total = sum(int(row[k]) for row in rows for k in ("lap_frames", "held_out_frames", "truth_frames", "replay_frames"))
+    assert int(rows[-1]["real_frames"]) == total
+    ckpt = load_checkpoint(out / "round_02" / "controller.pt", "controller")
+    assert ckpt["config"]["mode"] == "dream" and ckpt["config"]["dream_start"] == 2
+    m = load_checkpoint(out / "round_02" / "mdnrnn.pt", "mdnrnn")
+    assert ckpt["mdnrnn_fingerprint"] == m["fingerprint"] and m["config"]["init_from"] == str(driver / "mdnrnn.pt")
+    assert (out / "loop.png").stat().st_size > 1000 and (out / "round_02" / "vae.pt").is_symlink()
+
+    again = run_script("-m", "experiments.dream_loop", "--rounds", "2", *flags)
+    assert again.returncode == 0 and "already 2 rounds" in again.stdout
+    assert "--first-driver" in error_line(run_script("-m", "experiments.dream_loop", "--first-driver",
+                                                     str(tmp_path / "none"), "--out-dir", str(out)))
+
+
+def test_replays_put_the_game_back_where_the_dream_started_and_play_its_actions(tmp_path):
+    """experiments/dream_replays.py: each window starts from the lap's own
+    frame at its step (the lap's actions, replayed without rendering, lead
+    back to that state) and plays the dream's actions from there; its file
+    is a rollout M can read, and the JSON's returns are the file's."""
+    import json
+
+    import collect_rollouts
+    from conftest import write_tiny_controller
+    from experiments import dream_replays
+    from wm.latents import encode_rollouts, load_world_model
+    from wm.rollouts import list_rollouts, read_rollout
+
+    ckpt, data, latents = tmp_path / "ckpt", tmp_path / "laps", tmp_path / "latents"
+    write_tiny_world_model(ckpt, action_repeat=2)
+    write_tiny_controller(ckpt, action_repeat=2)
+    collect_rollouts.main(collect_rollouts.Config(rollouts=2, max_steps=40, workers=1, out_dir=str(data),
+                                                  seed=10800, policy="controller", ckpt_dir=str(ckpt)))
+    world = load_world_model(ckpt)
+    encode_rollouts(list_rollouts(data), latents, world.vae, world.vae_fingerprint, progress=False)
+    out = tmp_path / "replays.json"
+    summary = dream_replays.main(dream_replays.Config(ckpt_dir=str(ckpt), data_dir=str(data),
+                                                      latent_dir=str(latents), windows=4, dream_start=3,
+                                                      dream_frames=10, max_steps=40, json=str(out)))
+    assert json.loads(out.read_text())["windows"] == summary["windows"] and len(summary["windows"]) >= 2
+    for w in summary["windows"]:
+        window = read_rollout(data / w["file"])
+        lap = read_rollout(data / f"rollout_{w['track']:07d}.npz")
+        assert 3 <= w["step"] < len(lap["actions"])
+        assert np.array_equal(window["observations"][0], lap["observations"][w["step"]])
+        assert 1 <= len(window["actions"]) == w["steps"] <= 5  # 10 frames, 2 a step
+        assert float(window["rewards"].astype(np.float64).sum()) == pytest.approx(w["replayed"])
+    assert summary["real_frames"] >= sum(2 * (w["step"] + w["steps"]) for w in summary["windows"]) - 4

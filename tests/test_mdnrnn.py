@@ -330,3 +330,53 @@ def test_m_holds_out_exactly_the_tracks_v_held_out(tmp_path, capsys):
     main(tiny_config(tmp_path, data_dir=str(other), latent_dir=str(tmp_path / "other_latents"), restart=True))
     assert "does not record which rollouts V held out" in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "ckpt" / "mdnrnn.pt", "mdnrnn")["val_rollouts"] == ["rollout_0010052.npz"]
+
+
+def test_init_from_fine_tunes_another_m_and_refuses_a_mismatched_one(tmp_path, synthetic_rollouts):
+    """--init-from starts a fresh run at that mdnrnn.pt's weights (a learning
+    rate too small to move them leaves them as they were); an M of another V
+    or size, or no file, is one line."""
+    from train_mdnrnn import main
+
+    write_tiny_vae(tmp_path / "ckpt")
+    main(tiny_config(tmp_path))
+    first = load_checkpoint(tmp_path / "ckpt" / "mdnrnn.pt", "mdnrnn")
+    fine = tmp_path / "fine"
+    fine.mkdir()
+    shutil.copy(tmp_path / "ckpt" / "vae.pt", fine / "vae.pt")
+    # Another seed, so that a fresh start would begin from other weights.
+    main(tiny_config(tmp_path, ckpt_dir=str(fine), init_from=str(tmp_path / "ckpt" / "mdnrnn.pt"), lr=1e-12, seed=5))
+    tuned = load_checkpoint(fine / "mdnrnn.pt", "mdnrnn")
+    assert all(torch.allclose(tuned["model"][k], v, atol=1e-6) for k, v in first["model"].items())
+    main(tiny_config(tmp_path, ckpt_dir=str(fine), restart=True, lr=1e-12, seed=5))
+    fresh = load_checkpoint(fine / "mdnrnn.pt", "mdnrnn")
+    assert not torch.allclose(fresh["model"]["mdn.weight"], first["model"]["mdn.weight"], atol=1e-3)
+
+    with pytest.raises(UsageError, match="no such file"):
+        main(tiny_config(tmp_path, ckpt_dir=str(fine), restart=True, init_from=str(tmp_path / "none.pt")))
+    with pytest.raises(UsageError, match="an M with .*hidden_size"):
+        main(tiny_config(tmp_path, ckpt_dir=str(fine), restart=True, hidden_size=8,
+                         init_from=str(tmp_path / "ckpt" / "mdnrnn.pt")))
+    write_tiny_vae(fine, seed=3)
+    with pytest.raises(UsageError, match="another V"):
+        main(tiny_config(tmp_path, ckpt_dir=str(fine), restart=True, init_from=str(tmp_path / "ckpt" / "mdnrnn.pt")))
+
+
+def test_a_growing_folder_keeps_m_s_held_out_rollouts(tmp_path, capsys):
+    """Without V's split, M holds out every m-th rollout: rollouts of newer
+    tracks added to the folder (a loop's rounds) leave the old split as it
+    was, and the newest are trained on too."""
+    from train_mdnrnn import main
+    from wm.env import COLLECT_SEED
+
+    write_tiny_vae(tmp_path / "ckpt")
+    ro = tmp_path / "rollouts"
+    make_synthetic_rollouts(ro, n=8, steps=12, seed=COLLECT_SEED + 900)
+    main(tiny_config(tmp_path, val_fraction=0.25))
+    before = load_checkpoint(tmp_path / "ckpt" / "mdnrnn.pt", "mdnrnn")["val_rollouts"]
+    assert before == ["rollout_0010903.npz", "rollout_0010907.npz"]
+    make_synthetic_rollouts(ro, n=12, steps=12, seed=COLLECT_SEED + 900)  # 4 more tracks
+    main(tiny_config(tmp_path, val_fraction=0.25, restart=True))
+    after = load_checkpoint(tmp_path / "ckpt" / "mdnrnn.pt", "mdnrnn")
+    assert after["val_rollouts"] == [*before, "rollout_0010911.npz"]
+    assert "rollout_0010908.npz" in after["train_rollouts"] and "every 4th" in capsys.readouterr().err

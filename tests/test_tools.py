@@ -108,6 +108,19 @@ def test_the_dream_truth_command_measures_a_ladder(tmp_path):
             assert ep["distance"][0] < 0.01  # the dream starts from the real first frame (V batched otherwise)
             assert 0 < ep["faithful_steps"] <= ep["dream_steps"]
     assert -1 <= result["rank_correlation"] <= 1 and png.stat().st_size > 1000
+    assert result["real_frames"] >= sum(ep["dream_steps"] for row in rows.values() for ep in row["episodes"])
+
+    # From step 5 of C's real episode: the replay of C's own 5 actions brings
+    # the game back to the frame the dream starts from.
+    r = run_script("-m", "tools.dream_truth", "--ckpt-dir", str(ckpt), "--episodes", "1", "--scales", "0,1",
+                   "--max-steps", "30", "--start-step", "5", "--dream-frames", "8", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    for row in json.loads(out.read_text())["controllers"].values():
+        ep = row["episodes"][0]
+        assert ep["distance"][0] < 0.01 and 1 <= ep["dream_steps"] <= 8
+        assert ep["real_frames"] >= ep["dream_steps"] + 5  # the episode, then 5 steps back and the replay
+    assert "--start-step 40" in error_line(run_script("-m", "tools.dream_truth", "--ckpt-dir", str(ckpt),
+                                                      "--max-steps", "30", "--start-step", "40"))
 
     # Bad input is one line.
     assert "--scales" in error_line(run_script("-m", "tools.dream_truth", "--ckpt-dir", str(ckpt),

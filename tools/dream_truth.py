@@ -8,10 +8,15 @@ controllers is the real game's. For each controller of a ladder, on
     real      C drives the real game: its score
     dreamed   C dreams in M from that episode's first frame (V's mean z,
               M's memory at zero, as train_controller.py --mode dream
-              starts), at --temperature: M's summed reward
+              starts), at --temperature: M's summed reward; with
+              --start-step S, from step S of that episode instead, M's
+              memory as the agent's there (as --dream-start starts), for
+              --dream-frames
     replayed  the dream's own actions, each held M's k frames, played open
               loop in the real game on the same track for as many steps as
-              the dream ran: what those actions are really worth
+              the dream ran (after C's own S real actions, which bring the
+              game back to the dream's start): what those actions are
+              really worth
 
     exploit gap     dreamed - replayed: what C gained by steering M where M
                     is wrong (0 for a faithful dream)
@@ -31,7 +36,8 @@ game does, about 0 when a search in it learns nothing that transfers.
 The ladder: each --controllers file (a controller.pt trained with
 --ckpt-dir's V and M), and its weights scaled by each of --scales (0: zero
 weights, the paper's start: straight at half gas; 1: C itself), so that one
-trained C gives controllers from useless to competent.
+trained C gives controllers from useless to competent. The JSON counts the
+real frames driven (episodes and replays).
 
 usage: python -m tools.dream_truth --ckpt-dir checkpoints/pretrained --json docs/dream_truth.json --png docs/dream_truth.png
 """
@@ -50,10 +56,10 @@ from models.controller import Controller
 from wm.agent import Agent, check_trained_with, run_episode
 from wm.checkpoint import load_checkpoint
 from wm.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, fail, run_main
-from wm.dream import Dream, check_dream_heads
-from wm.env import HELD_OUT_SEED, make_env, step_repeat
+from wm.dream import Dream, StartStates, check_dream_heads, replay_in_game
+from wm.env import HELD_OUT_SEED, make_env
 from wm.files import write_atomically
-from wm.frames import preprocess, to_model_input
+from wm.frames import to_model_input
 from wm.latents import load_world_model
 
 
@@ -66,11 +72,14 @@ class Config:
     seed: int = HELD_OUT_SEED  # episode i drives track seed + i
     temperature: float = 1.0  # the dream's tau (train_controller.py --temperature)
     max_steps: int = 1000  # frames per episode at most, real and dreamed
+    start_step: int = 0  # the dream starts at this agent step of C's real episode, M's memory as the agent's there (train_controller.py --dream-start; 0: the first frame, memory at zero)
+    dream_frames: int = 0  # a dream's time limit in frames (train_controller.py --dream-frames; 0: --max-steps)
     json: str = ""  # write the measures here as JSON
     png: str = ""  # write their plot here
 
     # The range of each number option, checked in one line before main runs.
-    RANGES = {"episodes": AT_LEAST_1, "seed": NON_NEGATIVE, "temperature": POSITIVE, "max_steps": AT_LEAST_1}
+    RANGES = {"episodes": AT_LEAST_1, "seed": NON_NEGATIVE, "temperature": POSITIVE, "max_steps": AT_LEAST_1,
+              "start_step": NON_NEGATIVE, "dream_frames": NON_NEGATIVE}
 
 
 def load_ladder(cfg: Config, fingerprints: dict) -> tuple[Controller, dict[str, np.ndarray]]:
@@ -105,32 +114,41 @@ def measure(x: np.ndarray, controller: Controller, world, env, cfg: Config, seed
     vae, mdnrnn, k = world.vae, world.mdnrnn, world.mdnrnn.cfg.action_repeat
     controller.set_flat(x)
     agent = Agent(vae, controller, mdnrnn if controller.uses_memory else None, "cpu")
-    first = []
-    real, _ = run_episode(env, agent, seed, lambda frame, agent, score: first or first.append(agent.z),
-                          action_repeat=k)
-    dream = Dream(mdnrnn, controller, first[0], cfg.temperature, cfg.max_steps)
-    result = dream.run(x[None], [seed], z0=first[0], record=True)
+    # The agent at --start-step: its z, M's (h, c) before reading that frame,
+    # and C's real actions up to there; M steps with C's actions whether or
+    # not C reads h, as the dream's does.
+    state, taken, start = mdnrnn.initial_state(1), [], []
+
+    def watch(frame, agent, score):
+        nonlocal state
+        if len(taken) == cfg.start_step and not start:
+            start.append(StartStates(agent.z, *state))
+        if len(taken) < cfg.start_step:
+            state = mdnrnn.step(agent.z, torch.as_tensor(agent.action), state)[1]
+            taken.append(agent.action[0])
+
+    real, real_frames = run_episode(env, agent, seed, watch, action_repeat=k)
+    if not start:
+        raise fail(f"C's real episode on track {seed} ended before --start-step {cfg.start_step}; "
+                   f"give a smaller one")
+    dream = Dream(mdnrnn, controller, start[0], cfg.temperature, cfg.dream_frames or cfg.max_steps)
+    result = dream.run(x[None], [seed], record=True)
     steps = int(result.lengths[0, 0])
     actions = result.actions[:steps, 0, 0].numpy()  # (T, 3)
     dreamed_z = result.zs[:steps + 1, 0, 0]  # (T + 1, Z): z0, then the z after each step
 
-    frame, _ = env.reset(seed=seed)
-    frames, replayed = [preprocess(frame, vae.cfg.view)], 0.0
-    for a in actions:
-        frame, reward, terminated, truncated, _ = step_repeat(env, a, k)
-        replayed += float(reward)
-        if terminated or truncated:
-            break
-        frames.append(preprocess(frame, vae.cfg.view))
-    real_z = vae.encode(to_model_input(np.stack(frames)))[0]  # (T' + 1, Z), T' <= T
+    replay = replay_in_game(env, seed, taken, actions, k, vae.cfg.view)
+    frames = replay.frames if replay.after is None else np.concatenate([replay.frames, replay.after[None]])
+    real_z = vae.encode(to_model_input(frames))[0]  # (T' + 1, Z), T' <= T
     n = len(real_z)
     real_x, dreamed_x = (vae.decode(z).flatten(1) for z in (real_z, dreamed_z[:n]))  # (T' + 1, 3 * 64 * 64)
     dist = (dreamed_x - real_x).norm(dim=-1)  # (T' + 1,)
     chance = torch.cdist(real_x, real_x).sum() / max(1, n * (n - 1))  # mean over pairs of distinct steps
     beyond = torch.nonzero(dist > chance / 2)
-    return {"seed": seed, "real": real, "dreamed": float(result.returns[0, 0]), "replayed": replayed,
+    return {"seed": seed, "real": real, "dreamed": float(result.returns[0, 0]),
+            "replayed": float(replay.rewards.astype(np.float64).sum()),
             "dream_steps": steps, "faithful_steps": int(beyond[0, 0]) if len(beyond) else n - 1,
-            "distance": (dist / chance).tolist()}
+            "distance": (dist / chance).tolist(), "real_frames": real_frames + replay.frames_stepped}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -184,8 +202,9 @@ def main(cfg: Config) -> dict:
         env.close()
     rho = spearman([r["real"] for r in rows.values()], [r["dreamed"] for r in rows.values()])
     print(f"rank correlation of dreamed and real returns over {len(rows)} controllers: {rho:.2f}")
+    frames = sum(ep["real_frames"] for r in rows.values() for ep in r["episodes"])
     result = {"config": asdict(cfg), "rank_correlation": rho, "seconds": round(time.time() - t0, 1),
-              "controllers": rows}
+              "real_frames": frames, "controllers": rows}
     if cfg.json:
         write_atomically(cfg.json, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
     if cfg.png:

@@ -141,6 +141,48 @@ def warm_starts(mdnrnn: MDNRNN, rollouts: list[tuple[np.ndarray, np.ndarray]], s
     return StartStates(torch.cat(zs), torch.cat(hs), torch.cat(cs))
 
 
+class Replay(NamedTuple):
+    frames: np.ndarray  # (T, 64, 64, 3) the frame seen before each action played, in V's view
+    after: np.ndarray | None  # (64, 64, 3) the frame after the last one; None when the episode ended
+    rewards: np.ndarray  # (T,) each action's reward, summed over its k frames
+    terminated: np.ndarray  # (T,) bool
+    truncated: np.ndarray  # (T,) bool
+    frames_stepped: int  # game frames stepped in all, those back to the start included
+
+
+def replay_in_game(env, seed: int, before, actions, k: int, view: str) -> Replay:
+    """Open loop in the real game from a real state: track `seed` from its
+    start, the actions `before` (a real episode's own, each held k frames:
+    the game is deterministic, so they lead to that episode's state again,
+    stepped without rendering but the last), then `actions` until they run
+    out or the episode ends."""
+    from wm.env import step_repeat
+    from wm.frames import preprocess
+
+    frame, _ = env.reset(seed=int(seed))
+    stepped = 0
+    for i, a in enumerate(before):
+        frame, _, terminated, truncated, n = step_repeat(env, a, k, render=i == len(before) - 1)
+        stepped += n
+        if terminated or truncated:
+            raise ValueError(f"track {seed}: the episode ended after {i + 1} of the {len(before)} "
+                             f"actions that lead back to the start; they are not that episode's")
+    frames, rewards, terminated_at, truncated_at = [], [], [], []
+    ended = False
+    for a in actions:
+        frames.append(preprocess(frame, view))
+        frame, reward, terminated, truncated, n = step_repeat(env, a, k)
+        stepped += n
+        rewards.append(reward)
+        terminated_at.append(terminated)
+        truncated_at.append(truncated)
+        if ended := terminated or truncated:
+            break
+    return Replay(np.stack(frames) if frames else np.zeros((0, 64, 64, 3), np.uint8), None if ended else preprocess(frame, view),
+                  np.asarray(rewards, np.float32), np.asarray(terminated_at, bool),
+                  np.asarray(truncated_at, bool), stepped)
+
+
 def make_dream(ckpt_dir: str | os.PathLike, controller: Controller, latent_dir: str | os.PathLike,
                temperature: float = 1.0, max_steps: int = 1000, device: torch.device | str = "cpu",
                bf16: bool = False, start_step: int = 0) -> tuple["Dream", WorldModel]:
@@ -190,13 +232,14 @@ class Dream:
         """Rollout r starts from the start state its seed picks."""
         return [int(np.random.default_rng(int(s)).integers(len(self.starts.z))) for s in seeds]
 
-    def run(self, params, seeds: list[int], z0: torch.Tensor | None = None,
+    def run(self, params, seeds: list[int], z0: torch.Tensor | StartStates | None = None,
             record: bool = False) -> DreamResult:
         """Dream R = len(seeds) episodes for each of P controllers.
 
         params: (P, n_params) C's flat weights, one row per member (array or tensor).
         seeds: one per rollout; they pick the start states and the noise.
-        z0: (R, Z) start states to use instead of the drawn ones, M's memory at zero.
+        z0: R start states to use instead of the drawn ones: (R, Z) z's, M's
+            memory at zero, or StartStates with M's memory.
         """
         with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             return self._run(params, seeds, z0, record)
@@ -210,10 +253,12 @@ class Dream:
         state = m.initial_state(P * R, dev)  # (h, c), each (P * R, H)
         if z0 is None:
             idx = self.start_indices(seeds)
-            z0 = self.starts.z[idx]  # (R, Z)
-            if self.starts.h is not None:  # warmed up on real steps: every member from the same (h, c)
-                state = tuple(x[idx].expand(P, R, H).reshape(P * R, H) for x in self.starts[1:])
-        z = z0.to(dev, torch.float32).expand(P, R, Z)  # (P, R, Z)
+            starts = StartStates(*(None if x is None else x[idx] for x in self.starts))  # R of them
+        else:
+            starts = z0 if isinstance(z0, StartStates) else StartStates(z0)
+        if starts.h is not None:  # warmed up on real steps: every member from the same (h, c)
+            state = tuple(x.to(dev, torch.float32).expand(P, R, H).reshape(P * R, H) for x in starts[1:])
+        z = starts.z.to(dev, torch.float32).expand(P, R, Z)  # (P, R, Z)
         g = torch.Generator(device=dev).manual_seed(noise_seed(seeds))
         returns = torch.zeros(P, R, device=dev)
         lengths = torch.zeros(P, R, dtype=torch.long, device=dev)

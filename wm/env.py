@@ -43,7 +43,7 @@ gym.register(id=FAST_ENV_ID, entry_point=FastCarRacing, max_episode_steps=MAX_EP
              reward_threshold=900)
 
 
-def step_repeat(env: gym.Env, action, k: int = 1) -> tuple[np.ndarray, float, bool, bool, int]:
+def step_repeat(env: gym.Env, action, k: int = 1, render: bool = True) -> tuple[np.ndarray, float, bool, bool, int]:
     """One agent step: `action` held for up to k frames -> (observation,
     summed reward, terminated, truncated, frames stepped).
 
@@ -52,7 +52,9 @@ def step_repeat(env: gym.Env, action, k: int = 1) -> tuple[np.ndarray, float, bo
     an episode that ends on an earlier frame returns the last rendered
     observation, up to k - 1 frames old (nothing reads the frame after an
     episode's last step: rollouts store the frame seen before each action,
-    and the agent loop drops an ended episode). k = 1 is env.step itself."""
+    and the agent loop drops an ended episode). k = 1 is env.step itself.
+    render=False renders none of them on the fast twin (a replay back to a
+    state, whose frames nobody sees): the observation is then stale."""
     if k < 1:
         raise ValueError(f"an action is held for at least 1 frame, got {k}")
     game = getattr(env, "unwrapped", env)  # test stand-ins may be bare
@@ -61,7 +63,7 @@ def step_repeat(env: gym.Env, action, k: int = 1) -> tuple[np.ndarray, float, bo
     try:
         for n in range(1, k + 1):
             if fast:
-                game.render_observations = n == k
+                game.render_observations = render and n == k
             obs, reward, terminated, truncated, _ = env.step(action)
             total += reward
             if terminated or truncated:
