@@ -82,6 +82,7 @@ class Config:
     seed: int = 0  # seeds CMA-ES and the choice of training tracks
     restart: bool = False  # ignore controller_es.npz and start from scratch (else a rerun resumes)
     init_from: str = ""  # a fresh start's CMA-ES mean: this controller.pt's weights instead of zeros (a warm start, e.g. from a C trained in M's dream)
+    init_from_any_m: bool = False  # --init-from may be a C trained with another M of the same size, such as the one this M was fine-tuned beside (experiments/dream_loop.py --carry-c); its weights read h as that M wrote it
     mode: str = "real"  # where members are scored: real = CarRacing-v3 (the paper), dream = inside M
     temperature: float = 1.0  # dream: tau of M's sampling; above 1 C cannot exploit M's flaws (the paper's VizDoom: 1.15)
     latent_dir: str = "data/latents"  # dream: episodes start from the first frames of these rollouts
@@ -225,15 +226,19 @@ def load_es_state(ckpt_dir: Path, signature: dict) -> tuple[Search, dict] | None
     return search, info
 
 
-def warm_start(path: str, controller: Controller, fingerprints: dict, action_repeat: int) -> np.ndarray:
+def warm_start(path: str, controller: Controller, fingerprints: dict, action_repeat: int,
+               any_m: bool = False) -> np.ndarray:
     """C's flat weights from the controller.pt at `path`, for a search to
-    start from; it must be a C of this shape, trained with this V, M and k."""
+    start from; it must be a C of this shape, trained with this V, M (any
+    M of this size when `any_m`) and k."""
     if not Path(path).is_file():
         raise fail(f"--init-from {path}: no such file; give the controller.pt to start from")
     ckpt = load_checkpoint(path, "controller")
     if ckpt["model_args"] != asdict(controller.cfg):
         raise fail(f"--init-from {path} is a C with {ckpt['model_args']}, this run's has "
                    f"{asdict(controller.cfg)}; give a controller.pt trained with the same --features")
+    if any_m:  # the shape check above is what a C needs of M's h
+        fingerprints = {**fingerprints, "mdnrnn_fingerprint": ckpt.get("mdnrnn_fingerprint")}
     check_trained_with(ckpt, path, fingerprints)
     if ckpt["action_repeat"] != action_repeat:
         raise fail(f"--init-from {path} holds each action {ckpt['action_repeat']} frames, this run "
@@ -266,7 +271,7 @@ def start_or_resume(cfg: Config, ckpt_dir: Path, controller: Controller, signatu
     loaded = load_es_state(ckpt_dir, signature) if not cfg.restart else None
     if loaded is None:
         keep_finished(ckpt_dir / "controller.pt", ckpt_dir / ES_STATE, cfg.restart)
-        x0 = (warm_start(cfg.init_from, controller, fingerprints, action_repeat) if cfg.init_from
+        x0 = (warm_start(cfg.init_from, controller, fingerprints, action_repeat, cfg.init_from_any_m) if cfg.init_from
               else np.zeros(controller.n_params))
         search = Search.start(x0, cfg.sigma0, cfg.pop_size, cfg.seed + 1)  # cma reads seed 0 as "time"
         state = {"generation": 0, "best_held_out": -np.inf, "signature": signature}

@@ -8,7 +8,8 @@ The paper's iterative procedure, for a C trained only inside M. Round r:
                 states that C's exploits of M lead to in the real game
     2. M        --mdnrnn fine-tuned on every lap so far (train_mdnrnn.py
                 --init-from)
-    3. C        CMA-ES in that M's dream from zero weights, dreams starting
+    3. C        CMA-ES in that M's dream from zero weights (--carry-c: from
+                the last round's C), dreams starting
                 from real states of those laps (train_controller.py --mode
                 dream --dream-start); the real game only picks the best
                 CMA-ES mean on the held-out tracks
@@ -78,6 +79,7 @@ class Config:
     truth_episodes: int = 4  # tracks per controller of the truth's ladder
     truth_scales: str = "0,0.25,0.5,0.75,1"  # the truth's ladder: the round's C times these
     replays: int = 0  # real states each round's C dreams from and replays its dreamed actions in the game (0: laps only)
+    carry_c: bool = False  # each round's CMA-ES starts from the last round's C (trained in the last M's dream) instead of zeros
     max_steps: int = 1000  # time limit of a real episode in frames: laps, held-out scores, the truth's episodes
     workers: int = os.cpu_count() or 1  # processes for the laps and the held-out scores
 
@@ -136,7 +138,8 @@ def one_round(cfg: Config, r: int, folder: Path) -> dict:
     run("train_mdnrnn.py", data_dir=cfg.data_dir, latent_dir=cfg.latent_dir, ckpt_dir=folder,
         init_from=cfg.mdnrnn, epochs=cfg.m_epochs, lr=cfg.m_lr, hidden_size=m_args["hidden_size"],
         n_gaussians=m_args["n_gaussians"])
-    run("train_controller.py", mode="dream", ckpt_dir=folder, latent_dir=cfg.latent_dir,
+    carry = {"init_from": Path(driver) / "controller.pt", "init_from_any_m": True} if cfg.carry_c and r > 1 else {}
+    run("train_controller.py", mode="dream", ckpt_dir=folder, latent_dir=cfg.latent_dir, **carry,
         dream_start=cfg.dream_start, dream_frames=cfg.dream_frames, temperature=cfg.temperature,
         pop_size=cfg.pop_size, rollouts_per_member=cfg.rollouts_per_member, generations=cfg.generations,
         eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, workers=cfg.workers,

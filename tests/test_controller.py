@@ -512,6 +512,22 @@ def test_init_from_starts_a_fresh_search_at_that_c_s_weights(tmp_path, monkeypat
     with pytest.raises(UsageError, match="--init-from .*none.pt: no such file"):
         run(1, path=tmp_path / "none.pt", restart=True)
 
+    # A C trained beside another M of this size and V (a fine-tuned one): only with --init-from-any-m.
+    from wm.checkpoint import save_checkpoint
+
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    shutil.copy(tmp_path / "vae.pt", beside / "vae.pt")
+    m = load_checkpoint(tmp_path / "mdnrnn.pt", "mdnrnn")
+    m["model"] = {k: v + 0.01 for k, v in m["model"].items()}
+    save_checkpoint(beside / "mdnrnn.pt", m)
+    beside_c = write_tiny_controller(beside, seed=4)
+    with pytest.raises(UsageError, match="was trained with another mdnrnn.pt"):
+        run(1, path=beside_c, restart=True)
+    asked.clear()
+    run(1, path=beside_c, restart=True, init_from_any_m=True)
+    np.testing.assert_array_equal(asked[0], Controller.from_checkpoint(load_checkpoint(beside_c, "controller")).get_flat())
+
 
 def test_a_controller_pt_without_its_es_state_is_kept_unless_restart(tmp_path):
     """A finished run committed without controller_es.npz cannot resume; a

@@ -381,7 +381,8 @@ def test_dream_mode_refuses_bad_input(tmp_path):
 def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
     """experiments/dream_loop.py, two tiny rounds end to end as a user runs
     it: laps of the first driver, then of round 1's C; an M and a C per
-    round; a metrics row per round whose real frames add up."""
+    round, round 2's C started from round 1's; a metrics row per round
+    whose real frames add up."""
     import csv
 
     from conftest import error_line, write_tiny_controller
@@ -395,7 +396,7 @@ def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
              "--first-rollouts", "2", "--rollouts", "1", "--m-epochs", "1", "--generations", "2",
              "--pop-size", "4", "--rollouts-per-member", "2", "--dream-start", "2", "--dream-frames", "8",
              "--eval-every", "1", "--eval-episodes", "1", "--truth-episodes", "1", "--truth-scales", "0,1",
-             "--replays", "2", "--max-steps", "30", "--workers", "1"]
+             "--replays", "2", "--carry-c", "--max-steps", "30", "--workers", "1"]
     r = run_script("-m", "experiments.dream_loop", "--rounds", "2", *flags, timeout=600)
     assert r.returncode == 0, r.stderr
     with open(out / "loop_metrics.csv") as f:
@@ -414,6 +415,7 @@ def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
     assert int(rows[-1]["real_frames"]) == total
     ckpt = load_checkpoint(out / "round_02" / "controller.pt", "controller")
     assert ckpt["config"]["mode"] == "dream" and ckpt["config"]["dream_start"] == 2
+    assert ckpt["config"]["init_from"] == str(out / "round_01" / "controller.pt")  # --carry-c
     m = load_checkpoint(out / "round_02" / "mdnrnn.pt", "mdnrnn")
     assert ckpt["mdnrnn_fingerprint"] == m["fingerprint"] and m["config"]["init_from"] == str(driver / "mdnrnn.pt")
     assert (out / "loop.png").stat().st_size > 1000 and (out / "round_02" / "vae.pt").is_symlink()
