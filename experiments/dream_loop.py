@@ -30,6 +30,7 @@ or skips what is done, so rerunning the command after an interruption goes
 on where it stopped.
 
 usage: python -m experiments.dream_loop --rounds 10 --workers 2
+       python -m experiments.dream_loop --compare laps=checkpoints/dream_loop,replays=checkpoints/dream_loop_replays --png loops.png
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class Config:
     carry_c: bool = False  # each round's CMA-ES starts from the last round's C (trained in the last M's dream) instead of zeros
     max_steps: int = 1000  # time limit of a real episode in frames: laps, held-out scores, the truth's episodes
     workers: int = os.cpu_count() or 1  # processes for the laps and the held-out scores
+    compare: str = ""  # label=folder pairs, comma-separated: instead of running, plot those loops' rounds side by side
+    png: str = ""  # --compare: the plot's file (default loop_comparison.png)
 
     RANGES = {"rounds": AT_LEAST_1, "first_rollouts": AT_LEAST_1, "rollouts": AT_LEAST_1, "noise": NON_NEGATIVE,
               "seed": NON_NEGATIVE, "m_epochs": AT_LEAST_1, "m_lr": POSITIVE, "generations": AT_LEAST_1,
@@ -175,19 +178,21 @@ def dreamed_at(rows: list[dict], generation: int) -> float:
     return next(float(r["mean"]) for r in rows if int(r["generation"]) == generation)
 
 
-def plot(rows: list[dict], png: Path) -> None:
+def plot(loops: dict[str, list[dict]], png: str | os.PathLike) -> None:
+    """The rounds of one loop or more (label -> its metrics rows), side by side."""
     import matplotlib.pyplot as plt
 
-    rounds = [int(r["round"]) for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, keys, title in zip(axes, (("held_out", "dreamed_at_best"), ("rank_correlation",),
-                                      ("exploit_gap", "replay_gap", "faithful_steps")),
-                               ("real held-out score of the round's C", "rank correlation, dreamed vs real",
-                                "C's exploit gap and faithful steps")):
-        for key in keys:
-            points = [(x, float(r[key])) for x, r in zip(rounds, rows) if r.get(key) not in (None, "")]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=key.replace("_", " "))
+    panels = ((("held_out", "dreamed_at_best"), "real held-out score of the round's C (o), dreamed (x)"),
+              (("rank_correlation",), "rank correlation, dreamed vs real"),
+              (("exploit_gap", "replay_gap"), "exploit gap: truth's C (o), replays (x)"))
+    for ax, (keys, title) in zip(axes, panels):
+        for n, (label, rows) in enumerate(loops.items()):
+            for key, marker in zip(keys, "ox"):
+                points = [(int(r["round"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+                if points:
+                    ax.plot(*zip(*points), marker=marker, color=f"C{n}", ls="-" if marker == "o" else ":",
+                            label=label if marker == "o" else None)
         ax.set(xlabel="round", title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -195,8 +200,31 @@ def plot(rows: list[dict], png: Path) -> None:
     save_figure(fig, png)
 
 
+def compare(spec: str, png: str) -> dict[str, list[dict]]:
+    """--compare label=out-dir,...: those loops' rounds in one plot, and a table."""
+    loops = {}
+    for item in spec.split(","):
+        label, _, folder = item.partition("=")
+        path = Path(folder) / "loop_metrics.csv"
+        if not label or not path.is_file():
+            raise fail(f"--compare takes label=folder pairs of folders where this loop ran, got {item!r}")
+        loops[label] = MetricsLog(path, step_key="round").rows()
+    keys = ("held_out", "dreamed_at_best", "rank_correlation", "exploit_gap", "replay_gap", "real_frames")
+    print(f"{'loop':>12} {'round':>5}" + "".join(f"{k:>17}" for k in keys))
+    for label, rows in loops.items():
+        for r in rows:
+            print(f"{label:>12} {r['round']:>5}" + "".join(f"{float(r[k]):>17.2f}" if r.get(k) else f"{'':>17}"
+                                                       for k in keys))
+    plot(loops, png or "loop_comparison.png")
+    return loops
+
+
+def main(cfg: Config) -> list[dict] | dict[str, list[dict]]:
+    return compare(cfg.compare, cfg.png) if cfg.compare else run_loop(cfg)
+
+
 @locked("out_dir", "--out-dir")  # one loop at a time writes there
-def main(cfg: Config) -> list[dict]:
+def run_loop(cfg: Config) -> list[dict]:
     for path, what in ((cfg.vae, "--vae"), (cfg.mdnrnn, "--mdnrnn"),
                        (Path(cfg.first_driver) / "controller.pt", "--first-driver")):
         if not Path(path).is_file():
@@ -213,7 +241,7 @@ def main(cfg: Config) -> list[dict]:
             row[k] for k in FRAMES)
         log.append(row)
         rows = log.rows()
-        plot(rows, out / "loop.png")
+        plot({out.name: rows}, out / "loop.png")
         print(f"round {r}  held-out {row['held_out']:.1f} (generation {row['best_generation']})  "
               f"rank correlation {row['rank_correlation']:.2f}  gap {row['exploit_gap']:.1f}  "
               f"faithful {row['faithful_steps']:.1f} steps  real frames {row['real_frames']:,}  "

@@ -422,6 +422,11 @@ def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
 
     again = run_script("-m", "experiments.dream_loop", "--rounds", "2", *flags)
     assert again.returncode == 0 and "already 2 rounds" in again.stdout
+    png = tmp_path / "loops.png"
+    shown = run_script("-m", "experiments.dream_loop", "--compare", f"a={out},b={out}", "--png", str(png))
+    assert shown.returncode == 0 and png.stat().st_size > 1000
+    assert len([line for line in shown.stdout.splitlines() if line.split()[:1] in (["a"], ["b"])]) == 4
+    assert "--compare" in error_line(run_script("-m", "experiments.dream_loop", "--compare", f"a={tmp_path}"))
     assert "--first-driver" in error_line(run_script("-m", "experiments.dream_loop", "--first-driver",
                                                      str(tmp_path / "none"), "--out-dir", str(out)))
 
