@@ -97,7 +97,8 @@ def main(cfg: Config) -> dict:
     # One window per (lap, step): the same pair twice would write one file.
     picks = list(dict.fromkeys((int(i), int(rng.integers(cfg.dream_start, len(found[i][1]))))
                                for i in rng.integers(len(found), size=cfg.windows)))
-    starts = [warm_starts(world.mdnrnn, [found[i][1:]], step) for i, step in picks]
+    # M steps through each lap's prefix only, up to the window's step.
+    starts = [warm_starts(world.mdnrnn, [(found[i][1][:step + 1], found[i][2][:step + 1])], step) for i, step in picks]
     starts = StartStates(*(torch.cat([s[j][:1] for s in starts]) for j in range(3)))  # (N, ...)
     dream = Dream(world.mdnrnn, controller, starts, cfg.temperature, cfg.dream_frames)
     seeds = rng.integers(2**31, size=len(picks)).tolist()
