@@ -329,6 +329,25 @@ def test_pool_surfaces_a_failing_worker_within_seconds(monkeypatch, fault, messa
         signal.signal(signal.SIGALRM, previous)
 
 
+def test_a_worker_that_imports_torch_late_gets_one_thread(tmp_path, monkeypatch):
+    """A runner whose module loads torch only when it is built (a rollout
+    collector's driving C) still runs torch on one thread: two processes of
+    two threads each on two cores spent half their time in the kernel."""
+    (tmp_path / "late_torch.py").write_text(
+        "class Threads:\n"
+        "    def __init__(self):\n"
+        "        import torch\n"
+        "        self.torch = torch\n"
+        "    def __call__(self):\n"
+        "        return self.torch.get_num_threads()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers take the parent's sys.path
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    import late_torch
+
+    with WorkerPool(2, late_torch.Threads) as pool:
+        assert pool.map([(), ()]) == [1, 1]
+
+
 def test_pool_surfaces_a_worker_that_fails_to_start(tmp_path):
     spec = AgentSpec(ckpt_dir=str(tmp_path), controller={"features": "z"})  # no vae.pt there
     with pytest.raises(WorkerError, match="failed while starting(.|\n)*vae.pt not found"):

@@ -50,9 +50,13 @@ class WorkerError(RuntimeError):
 
 def start_runner(factory: Callable, args: tuple):
     """A worker's runner, `factory(*args)`, built as every backend builds it."""
-    torch = sys.modules.get("torch")  # loaded with a factory that needs it (not a rollout collector's)
+    # One process per core: threads would only fight (half the time spent in
+    # the kernel, a driving C's laps several times slower).
+    torch = sys.modules.get("torch")  # loaded with a factory that needs it
     if torch is not None:
-        torch.set_num_threads(1)  # one process per core: threads would only fight
+        torch.set_num_threads(1)
+    else:  # a runner that imports torch later (a rollout collector's driver) reads this then
+        os.environ["OMP_NUM_THREADS"] = "1"
     return factory(*args)
 
 
