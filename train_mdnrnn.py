@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import MDNRNN, ConvVAE, MDNRNNConfig, mdn_loss
+from models import MIXTURES, MDNRNN, ConvVAE, MDNRNNConfig, mdn_loss
 from wm.checkpoint import keep_finished, load_checkpoint, recorded_tracks, resume_training, save_checkpoint
 from wm.cli import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, fail, resolve_device, run_main
 from wm.files import locked, writable_folder
@@ -50,7 +50,8 @@ class Config:
     lr: float = 1e-3  # Adam learning rate (the paper's code: 0.001)
     grad_clip: float = 1.0  # max gradient norm (the paper's code: 1.0)
     hidden_size: int = 256  # LSTM units (the paper: 256)
-    n_gaussians: int = 5  # mixture components per dimension of z (the paper: 5)
+    n_gaussians: int = 5  # mixture components (the paper: 5)
+    mixture: str = "dim"  # dim: a mixture per dimension of z (the paper's code); frame: K whole frames (models/mdnrnn.py)
     reward_weight: float = 1.0  # weight of the reward regression term (0 turns the head off)
     done_weight: float = 1.0  # weight of the episode-end term (0 turns the head off)
     val_fraction: float = 0.1  # share of rollouts held out when vae.pt records no split (else: V's validation tracks)
@@ -220,7 +221,8 @@ def hold_out_like_v(latents: list[tuple[Path, dict]], vae_ckpt: dict,
 
 def init_from(path: str, model: MDNRNN, mcfg: MDNRNNConfig, vae_fp: str) -> None:
     """Start from the weights of the mdnrnn.pt at `path`: an M of this size,
-    trained on codes of this V."""
+    trained on codes of this V. An M of the other mixture gives its LSTM and
+    its reward and done heads; the mixture head starts fresh."""
     if not Path(path).is_file():
         raise fail(f"--init-from {path}: no such file; give the mdnrnn.pt to fine-tune")
     ckpt = load_checkpoint(path, kind="mdnrnn")
@@ -228,15 +230,21 @@ def init_from(path: str, model: MDNRNN, mcfg: MDNRNNConfig, vae_fp: str) -> None
         raise fail(f"--init-from {path} learned the codes of another V (vae fingerprint "
                    f"{ckpt.get('vae_fingerprint')}, vae.pt is {vae_fp}); give an M trained with this vae.pt")
     saved = asdict(MDNRNNConfig(**ckpt["model_args"]))
-    if saved != asdict(mcfg):
+    if {**saved, "mixture": mcfg.mixture} != asdict(mcfg):
         raise fail(f"--init-from {path} is an M with {saved}, this run's has {asdict(mcfg)}; match "
                    f"--hidden-size, --n-gaussians and the heads' weights, or give another mdnrnn.pt")
-    model.load_state_dict(ckpt["model"])
-    print(f"starting from {path}'s weights (epoch {ckpt.get('epoch')}, val {ckpt.get('val_loss')})")
+    weights, new_head = ckpt["model"], saved["mixture"] != mcfg.mixture
+    if new_head:
+        weights = {k: v for k, v in weights.items() if not k.startswith("mdn.")}
+    model.load_state_dict(weights, strict=not new_head)
+    print(f"starting from {path}'s weights (epoch {ckpt.get('epoch')}, val {ckpt.get('val_loss')})"
+          + (f", with a new {mcfg.mixture} mixture head" if new_head else ""))
 
 
 @locked("ckpt_dir", "--ckpt-dir")  # one run at a time writes there
 def main(cfg: Config) -> dict:
+    if cfg.mixture not in MIXTURES:
+        raise fail(f"--mixture must be one of {', '.join(MIXTURES)}, got {cfg.mixture!r}")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ckpt_dir = Path(cfg.ckpt_dir)
@@ -255,7 +263,7 @@ def main(cfg: Config) -> dict:
 
     mcfg = MDNRNNConfig(latent_size=vae_ckpt["model_args"]["latent_size"],
                         action_size=latents[0][1]["actions"].shape[1],
-                        hidden_size=cfg.hidden_size, n_gaussians=cfg.n_gaussians,
+                        hidden_size=cfg.hidden_size, n_gaussians=cfg.n_gaussians, mixture=cfg.mixture,
                         predict_reward=cfg.reward_weight > 0, predict_done=cfg.done_weight > 0,
                         action_repeat=action_repeat)
     check_latent_size(latents, mcfg.latent_size)

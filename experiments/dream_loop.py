@@ -7,7 +7,8 @@ The paper's iterative procedure, for a C trained only inside M. Round r:
                 r's from round r - 1's dream-trained C, so that M sees the
                 states that C's exploits of M lead to in the real game
     2. M        --mdnrnn fine-tuned on every lap so far (train_mdnrnn.py
-                --init-from)
+                --init-from; with --mixture frame, a per-frame mixture head
+                on --mdnrnn's LSTM)
     3. C        CMA-ES in that M's dream from zero weights (--carry-c: from
                 the last round's C), dreams starting
                 from real states of those laps (train_controller.py --mode
@@ -40,9 +41,10 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from models import MIXTURES, MDNRNNConfig
 from wm.checkpoint import load_checkpoint
 from wm.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, fail, flag, run_main
 from wm.env import COLLECT_SEED
@@ -69,6 +71,7 @@ class Config:
     seed: int = COLLECT_SEED + 800  # the first laps drive tracks seed, seed + 1, ..., each round's the next ones
     m_epochs: int = 10  # M's passes over the laps each round
     m_lr: float = 3e-4  # M's fine-tuning learning rate (its first training: 1e-3)
+    mixture: str = ""  # M's mixture each round: dim (the paper's) or frame (models/mdnrnn.py); empty: --mdnrnn's
     generations: int = 20  # CMA-ES generations in each round's dream
     pop_size: int = 32  # CMA-ES population
     rollouts_per_member: int = 16  # dreams per member and generation
@@ -132,7 +135,7 @@ def one_round(cfg: Config, r: int, folder: Path) -> dict:
     t0 = time.time()
     driver = cfg.first_driver if r == 1 else str(folder.parent / f"round_{r - 1:02d}")
     seeds = lap_seeds(cfg, r)
-    m_args = load_checkpoint(cfg.mdnrnn, "mdnrnn")["model_args"]
+    m_args = asdict(MDNRNNConfig(**load_checkpoint(cfg.mdnrnn, "mdnrnn")["model_args"]))
     run("collect_rollouts.py", rollouts=len(seeds), seed=seeds.start, policy="controller", ckpt_dir=driver,
         noise=cfg.noise, out_dir=cfg.data_dir, workers=cfg.workers, max_steps=cfg.max_steps,
         action_repeat=m_args["action_repeat"])
@@ -140,7 +143,7 @@ def one_round(cfg: Config, r: int, folder: Path) -> dict:
     link(cfg.vae, folder)
     run("train_mdnrnn.py", data_dir=cfg.data_dir, latent_dir=cfg.latent_dir, ckpt_dir=folder,
         init_from=cfg.mdnrnn, epochs=cfg.m_epochs, lr=cfg.m_lr, hidden_size=m_args["hidden_size"],
-        n_gaussians=m_args["n_gaussians"])
+        n_gaussians=m_args["n_gaussians"], mixture=cfg.mixture or m_args["mixture"])
     carry = {"init_from": Path(driver) / "controller.pt", "init_from_any_m": True} if cfg.carry_c and r > 1 else {}
     run("train_controller.py", mode="dream", ckpt_dir=folder, latent_dir=cfg.latent_dir, **carry,
         dream_start=cfg.dream_start, dream_frames=cfg.dream_frames, temperature=cfg.temperature,
@@ -225,6 +228,8 @@ def main(cfg: Config) -> list[dict] | dict[str, list[dict]]:
 
 @locked("out_dir", "--out-dir")  # one loop at a time writes there
 def run_loop(cfg: Config) -> list[dict]:
+    if cfg.mixture not in ("", *MIXTURES):
+        raise fail(f"--mixture must be one of {', '.join(MIXTURES)} (or empty: --mdnrnn's), got {cfg.mixture!r}")
     for path, what in ((cfg.vae, "--vae"), (cfg.mdnrnn, "--mdnrnn"),
                        (Path(cfg.first_driver) / "controller.pt", "--first-driver")):
         if not Path(path).is_file():

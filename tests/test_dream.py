@@ -97,8 +97,9 @@ def reference_episode(m: MDNRNN, c: Controller, flat, z0, noise, r, max_steps, t
 
 
 @torch.no_grad()
-def test_batched_dream_equals_stepping_members_one_at_a_time():
-    m = tiny_m()
+@pytest.mark.parametrize("mixture,seed", [("dim", 0), ("frame", 3)])  # seeds where some episodes end early
+def test_batched_dream_equals_stepping_members_one_at_a_time(mixture, seed):
+    m = tiny_m(seed, mixture=mixture)
     c = Controller(ControllerConfig(latent_size=Z, hidden_size=H))
     starts = torch.randn(6, Z, generator=torch.Generator().manual_seed(1))
     T, tau, seeds = 25, 1.2, [11, 12, 13]
@@ -382,7 +383,8 @@ def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
     """experiments/dream_loop.py, two tiny rounds end to end as a user runs
     it: laps of the first driver, then of round 1's C; an M and a C per
     round, round 2's C started from round 1's; a metrics row per round
-    whose real frames add up."""
+    whose real frames add up. Round 2, run on with --mixture frame, fine-tunes
+    a per-frame M."""
     import csv
 
     from conftest import error_line, write_tiny_controller
@@ -397,7 +399,9 @@ def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
              "--pop-size", "4", "--rollouts-per-member", "2", "--dream-start", "2", "--dream-frames", "8",
              "--eval-every", "1", "--eval-episodes", "1", "--truth-episodes", "1", "--truth-scales", "0,1",
              "--replays", "2", "--carry-c", "--max-steps", "30", "--workers", "1"]
-    r = run_script("-m", "experiments.dream_loop", "--rounds", "2", *flags, timeout=600)
+    r = run_script("-m", "experiments.dream_loop", "--rounds", "1", *flags, timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = run_script("-m", "experiments.dream_loop", "--rounds", "2", "--mixture", "frame", *flags, timeout=600)
     assert r.returncode == 0, r.stderr
     with open(out / "loop_metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -418,6 +422,8 @@ def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
     assert ckpt["config"]["init_from"] == str(out / "round_01" / "controller.pt")  # --carry-c
     m = load_checkpoint(out / "round_02" / "mdnrnn.pt", "mdnrnn")
     assert ckpt["mdnrnn_fingerprint"] == m["fingerprint"] and m["config"]["init_from"] == str(driver / "mdnrnn.pt")
+    assert m["model_args"]["mixture"] == "frame"
+    assert load_checkpoint(out / "round_01" / "mdnrnn.pt", "mdnrnn")["model_args"]["mixture"] == "dim"
     assert (out / "loop.png").stat().st_size > 1000 and (out / "round_02" / "vae.pt").is_symlink()
 
     again = run_script("-m", "experiments.dream_loop", "--rounds", "2", *flags)
@@ -429,6 +435,8 @@ def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
     assert "--compare" in error_line(run_script("-m", "experiments.dream_loop", "--compare", f"a={tmp_path}"))
     assert "--first-driver" in error_line(run_script("-m", "experiments.dream_loop", "--first-driver",
                                                      str(tmp_path / "none"), "--out-dir", str(out)))
+    assert error_line(run_script("-m", "experiments.dream_loop", "--mixture", "pixel", "--out-dir", str(out))) == \
+        "error: --mixture must be one of dim, frame (or empty: --mdnrnn's), got 'pixel'"
 
 
 def test_replays_put_the_game_back_where_the_dream_started_and_play_its_actions(tmp_path):

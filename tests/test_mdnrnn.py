@@ -53,6 +53,39 @@ def test_mixture_loss_matches_torch_distributions():
     torch.testing.assert_close(loss.total, ref_nll + 0.5 * ref_reward + 2.0 * ref_done)
 
 
+def test_per_frame_mixture_loss_matches_torch_distributions():
+    """One component for the whole z: log sum_k pi_k prod_d N(z_d), divided by Z."""
+    out = random_output()
+    out = out._replace(logit_pi=out.logit_pi[..., :1, :])  # (B, T, 1, K)
+    z_next = torch.randn(3, 5, 4) * 3
+    z_mask = torch.ones(3, 5)
+    z_mask[1, 2:] = 0
+    whole = D.Independent(D.Normal(out.mu.transpose(-1, -2), out.log_sigma.exp().transpose(-1, -2)), 1)  # K of (Z,)
+    mix = D.MixtureSameFamily(D.Categorical(logits=out.logit_pi[..., 0, :]), whole)
+    ref_nll = -mix.log_prob(z_next) / 4  # (B, T)
+    ref_nll = (ref_nll * z_mask).sum() / z_mask.sum()
+    torch.testing.assert_close(mdn_loss(out, z_next, z_mask=z_mask).nll, ref_nll)
+
+
+def test_per_frame_sampling_draws_one_component_for_every_dimension():
+    # Two whole-frame components: weight 0.7 at (-5, -5, -5), 0.3 at (+5, +5, +5).
+    N, Z = 4000, 3
+    logit = torch.log(torch.tensor([0.7, 0.3])).expand(N, 1, 2)
+    mu = torch.tensor([-5.0, 5.0]).expand(N, Z, 2)
+    out = MDNOutput(logit, mu, torch.full((N, Z, 2), -3.0), None, None)
+    z = sample_next_z(out, 1.0, torch.Generator().manual_seed(0))
+    assert z.shape == (N, Z)
+    assert ((z < 0).all(-1) | (z > 0).all(-1)).all()  # never half of one future and half of another
+    assert 0.67 < (z[:, 0] < 0).float().mean() < 0.73
+    g = torch.Generator().manual_seed(1)
+    u, eps = torch.rand(N, Z, 2, generator=g), torch.randn(N, Z, generator=g)  # a dream's noise: a row per dimension
+    shared = sample_next_z(out, 1.0, noise=(u, eps))
+    torch.testing.assert_close(shared, sample_next_z(out, 1.0, noise=(u[:, :1], eps)))  # it reads the first row
+    torch.testing.assert_close(sample_next_z(out, 0.0), torch.full((N, Z), -5.0))
+    with pytest.raises(ValueError, match="mixture"):
+        MDNRNNConfig(mixture="pixel")
+
+
 def test_mixture_loss_is_finite_far_from_every_component():
     out = random_output()
     out = out._replace(log_sigma=torch.full_like(out.mu, -5.0))
@@ -330,6 +363,47 @@ def test_m_holds_out_exactly_the_tracks_v_held_out(tmp_path, capsys):
     main(tiny_config(tmp_path, data_dir=str(other), latent_dir=str(tmp_path / "other_latents"), restart=True))
     assert "does not record which rollouts V held out" in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "ckpt" / "mdnrnn.pt", "mdnrnn")["val_rollouts"] == ["rollout_0010052.npz"]
+
+
+def test_train_mdnrnn_per_frame_mixture(tmp_path, synthetic_rollouts):
+    """--mixture frame trains an M whose head has K logits; its run resumes
+    only as frame, and a nonsense mixture is one line."""
+    ckpt = tmp_path / "ckpt"
+    args = ["train_mdnrnn.py", "--data-dir", str(synthetic_rollouts), "--latent-dir", str(tmp_path / "latents"),
+            "--ckpt-dir", str(ckpt), "--epochs", "1", "--seq-len", "16", "--batch-size", "4", "--hidden-size", "16",
+            "--n-gaussians", "3", "--strip-steps", "4", "--device", "cpu"]
+    write_tiny_vae(ckpt)
+    r = run_script(*args, "--mixture", "frame")
+    assert r.returncode == 0, r.stderr
+    m = load_checkpoint(ckpt / "mdnrnn.pt", "mdnrnn")
+    assert m["model_args"]["mixture"] == "frame" and np.isfinite(m["val_loss"])
+    assert m["model"]["mdn.weight"].shape == ((1 + 2 * 8) * 3, 16)
+    world = load_world_model(ckpt)
+    out, _ = world.mdnrnn.step(torch.zeros(2, 8), torch.zeros(2, 3), world.mdnrnn.initial_state(2))
+    assert out.logit_pi.shape == (2, 1, 3) and out.mu.shape == (2, 8, 3)
+    r = run_script(*args, "--epochs", "2")  # the default, dim, against a frame run's mdnrnn_last.pt
+    last = r.stderr.strip().splitlines()[-1]  # after the synthetic V's hold-out warning
+    assert r.returncode == 2 and last.startswith("error: ") and "'mixture': 'frame'" in last and "--restart" in last
+    r = run_script(*args, "--mixture", "pixel")
+    assert error_line(r) == "error: --mixture must be one of dim, frame, got 'pixel'"
+
+
+def test_init_from_another_mixture_keeps_the_lstm_and_the_reward_and_done_heads(tmp_path, synthetic_rollouts):
+    from train_mdnrnn import main
+
+    write_tiny_vae(tmp_path / "ckpt")
+    main(tiny_config(tmp_path))
+    first = load_checkpoint(tmp_path / "ckpt" / "mdnrnn.pt", "mdnrnn")
+    fine = tmp_path / "fine"
+    fine.mkdir()
+    shutil.copy(tmp_path / "ckpt" / "vae.pt", fine / "vae.pt")
+    main(tiny_config(tmp_path, ckpt_dir=str(fine), init_from=str(tmp_path / "ckpt" / "mdnrnn.pt"), lr=1e-12,
+                     mixture="frame", seed=5))
+    tuned = load_checkpoint(fine / "mdnrnn.pt", "mdnrnn")
+    assert tuned["model_args"]["mixture"] == "frame"
+    kept = [k for k in first["model"] if not k.startswith("mdn.")]
+    assert kept and all(torch.allclose(tuned["model"][k], first["model"][k], atol=1e-6) for k in kept)
+    assert tuned["model"]["mdn.weight"].shape[0] == (1 + 2 * 8) * 2 != first["model"]["mdn.weight"].shape[0]
 
 
 def test_init_from_fine_tunes_another_m_and_refuses_a_mismatched_one(tmp_path, synthetic_rollouts):
