@@ -62,6 +62,7 @@ class Config:
     dream_temperature: float = 1.0  # tau for the strip's dream (the paper's Doom dreams: 1.15)
     restart: bool = False  # ignore mdnrnn_last.pt and start from scratch (else a rerun resumes)
     init_from: str = ""  # a fresh start's weights: this mdnrnn.pt's (fine-tuning an M on new rollouts) instead of random ones
+    head_only: bool = False  # with --init-from: train the mixture head alone; the LSTM and the reward and done heads keep its weights
     seed: int = 0  # data split, batch order and z sampling
     device: str = "auto"  # auto, cpu or cuda
 
@@ -245,6 +246,8 @@ def init_from(path: str, model: MDNRNN, mcfg: MDNRNNConfig, vae_fp: str) -> None
 def main(cfg: Config) -> dict:
     if cfg.mixture not in MIXTURES:
         raise fail(f"--mixture must be one of {', '.join(MIXTURES)}, got {cfg.mixture!r}")
+    if cfg.head_only and not cfg.init_from:
+        raise fail("--head-only trains the mixture head on another M's LSTM; give that mdnrnn.pt with --init-from")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ckpt_dir = Path(cfg.ckpt_dir)
@@ -291,6 +294,9 @@ def main(cfg: Config) -> dict:
     elif cfg.init_from:
         init_from(cfg.init_from, model, mcfg, vae_fp)
     metrics.truncate_after(start_epoch)
+    if cfg.head_only:  # the dynamics M learned stay as they were; only how it draws z changes
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("mdn."))
 
     print(f"M: {sum(p.numel() for p in model.parameters()):,} parameters")
     row = {}

@@ -404,6 +404,14 @@ def test_init_from_another_mixture_keeps_the_lstm_and_the_reward_and_done_heads(
     kept = [k for k in first["model"] if not k.startswith("mdn.")]
     assert kept and all(torch.allclose(tuned["model"][k], first["model"][k], atol=1e-6) for k in kept)
     assert tuned["model"]["mdn.weight"].shape[0] == (1 + 2 * 8) * 2 != first["model"]["mdn.weight"].shape[0]
+    # --head-only: at a learning rate that moves weights, only the mixture head moves.
+    main(tiny_config(tmp_path, ckpt_dir=str(fine), restart=True, init_from=str(tmp_path / "ckpt" / "mdnrnn.pt"),
+                     mixture="frame", head_only=True, epochs=2, seed=5))
+    head = load_checkpoint(fine / "mdnrnn.pt", "mdnrnn")
+    assert all(torch.equal(head["model"][k], first["model"][k]) for k in kept)
+    assert not torch.allclose(head["model"]["mdn.weight"], tuned["model"]["mdn.weight"], atol=1e-4)
+    with pytest.raises(UsageError, match="--head-only .* --init-from"):
+        main(tiny_config(tmp_path, ckpt_dir=str(fine), restart=True, head_only=True))
 
 
 def test_init_from_fine_tunes_another_m_and_refuses_a_mismatched_one(tmp_path, synthetic_rollouts):
