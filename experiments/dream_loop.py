@@ -8,7 +8,7 @@ The paper's iterative procedure, for a C trained only inside M. Round r:
                 states that C's exploits of M lead to in the real game
     2. M        --mdnrnn fine-tuned on every lap so far (train_mdnrnn.py
                 --init-from; with --mixture frame, a per-frame mixture head
-                on --mdnrnn's LSTM)
+                on --mdnrnn's LSTM; with --head-only, that head alone trains)
     3. C        CMA-ES in that M's dream from zero weights (--carry-c: from
                 the last round's C), dreams starting
                 from real states of those laps (train_controller.py --mode
@@ -72,6 +72,7 @@ class Config:
     m_epochs: int = 10  # M's passes over the laps each round
     m_lr: float = 3e-4  # M's fine-tuning learning rate (its first training: 1e-3)
     mixture: str = ""  # M's mixture each round: dim (the paper's) or frame (models/mdnrnn.py); empty: --mdnrnn's
+    head_only: bool = False  # each round trains only M's mixture head; the LSTM and reward and done heads stay --mdnrnn's
     generations: int = 20  # CMA-ES generations in each round's dream
     pop_size: int = 32  # CMA-ES population
     rollouts_per_member: int = 16  # dreams per member and generation
@@ -143,7 +144,8 @@ def one_round(cfg: Config, r: int, folder: Path) -> dict:
     link(cfg.vae, folder)
     run("train_mdnrnn.py", data_dir=cfg.data_dir, latent_dir=cfg.latent_dir, ckpt_dir=folder,
         init_from=cfg.mdnrnn, epochs=cfg.m_epochs, lr=cfg.m_lr, hidden_size=m_args["hidden_size"],
-        n_gaussians=m_args["n_gaussians"], mixture=cfg.mixture or m_args["mixture"])
+        n_gaussians=m_args["n_gaussians"], mixture=cfg.mixture or m_args["mixture"],
+        **({"head_only": True} if cfg.head_only else {}))
     carry = {"init_from": Path(driver) / "controller.pt", "init_from_any_m": True} if cfg.carry_c and r > 1 else {}
     run("train_controller.py", mode="dream", ckpt_dir=folder, latent_dir=cfg.latent_dir, **carry,
         dream_start=cfg.dream_start, dream_frames=cfg.dream_frames, temperature=cfg.temperature,

@@ -384,7 +384,7 @@ def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
     it: laps of the first driver, then of round 1's C; an M and a C per
     round, round 2's C started from round 1's; a metrics row per round
     whose real frames add up. Round 2, run on with --mixture frame, fine-tunes
-    a per-frame M."""
+    a per-frame mixture head alone on the first M's LSTM."""
     import csv
 
     from conftest import error_line, write_tiny_controller
@@ -401,7 +401,8 @@ def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
              "--replays", "2", "--carry-c", "--max-steps", "30", "--workers", "1"]
     r = run_script("-m", "experiments.dream_loop", "--rounds", "1", *flags, timeout=600)
     assert r.returncode == 0, r.stderr
-    r = run_script("-m", "experiments.dream_loop", "--rounds", "2", "--mixture", "frame", *flags, timeout=600)
+    r = run_script("-m", "experiments.dream_loop", "--rounds", "2", "--mixture", "frame", "--head-only", *flags,
+                   timeout=600)
     assert r.returncode == 0, r.stderr
     with open(out / "loop_metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -423,6 +424,8 @@ def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
     m = load_checkpoint(out / "round_02" / "mdnrnn.pt", "mdnrnn")
     assert ckpt["mdnrnn_fingerprint"] == m["fingerprint"] and m["config"]["init_from"] == str(driver / "mdnrnn.pt")
     assert m["model_args"]["mixture"] == "frame"
+    first = load_checkpoint(driver / "mdnrnn.pt", "mdnrnn")["model"]
+    assert all(torch.equal(m["model"][k], first[k]) for k in first if not k.startswith("mdn."))  # --head-only
     assert load_checkpoint(out / "round_01" / "mdnrnn.pt", "mdnrnn")["model_args"]["mixture"] == "dim"
     assert (out / "loop.png").stat().st_size > 1000 and (out / "round_02" / "vae.pt").is_symlink()
 
