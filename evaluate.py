@@ -121,8 +121,10 @@ def agent_spec(cfg: Config) -> tuple[AgentSpec, np.ndarray | None]:
     check_trained_with(ckpt, path, fingerprints)
     spec.action_repeat = ckpt["action_repeat"]  # the frames each action was held in training
     held = f", each action held {spec.action_repeat} frames" if spec.action_repeat != 1 else ""
+    scaled = f" times {ckpt['scale']:g} (tools/scale_controller.py)" if "scale" in ckpt else ""
+    scored = f", held-out score {ckpt['held_out']:.1f}" if "held_out" in ckpt else ", not scored on held-out tracks"
     print(f"C: {controller.cfg.features}, {controller.n_params} parameters, generation "
-          f"{ckpt.get('generation')}, held-out score {ckpt.get('held_out')}{held}")
+          f"{ckpt.get('generation')}{scaled}{scored}{held}")
     spec.ckpt_dir, spec.controller = str(cfg.ckpt_dir), ckpt["model_args"]
     return spec, controller.get_flat()
 

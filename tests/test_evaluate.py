@@ -137,6 +137,27 @@ def test_the_results_table_s_other_cs_play(tmp_path, folder, features):
     assert json.loads(out.read_text())["steps"] == 60
 
 
+@pytest.mark.parametrize("folder, scale", [("dream_seeds", None), ("dream_scaled_075", 0.75),
+                                           ("dream_scaled_085", 0.85)])
+def test_the_dream_only_cs_play_through_the_repair_loop_s_m(tmp_path, folder, scale):
+    """The dream-only Cs of the results table read round 10's M of the repair
+    loop and the shipped V through links; the scaled one is the other's
+    weights times its scale (tools/scale_controller.py)."""
+    shipped = ROOT / "checkpoints" / "pretrained"
+    assert (shipped / folder / "mdnrnn.pt").resolve() == (shipped / "dream_repair" / "mdnrnn.pt").resolve()
+    assert (shipped / folder / "vae.pt").resolve() == (shipped / "vae.pt").resolve()
+    ckpt = torch.load(shipped / folder / "controller.pt", weights_only=True)
+    if scale is not None:
+        source = torch.load(shipped / "dream_seeds" / "controller.pt", weights_only=True)
+        assert ckpt["scale"] == scale
+        assert all(torch.allclose(ckpt["model"][k], scale * source["model"][k]) for k in source["model"])
+    out = tmp_path / "out.json"
+    r = run_script("evaluate.py", "--ckpt-dir", str(shipped / folder), "--episodes", "1", "--max-steps", "60",
+                   "--workers", "1", "--json", str(out), timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["steps"] == 60
+
+
 def test_the_agent_holds_its_actions_as_controller_pt_says(tmp_path):
     write_tiny_world_model(tmp_path, action_repeat=3)
     write_tiny_controller(tmp_path, action_repeat=3)

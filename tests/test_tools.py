@@ -131,3 +131,42 @@ def test_the_dream_truth_command_measures_a_ladder(tmp_path):
     assert "trained with another vae.pt" in error_line(run_script(
         "-m", "tools.dream_truth", "--ckpt-dir", str(tmp_path / "other"), "--controllers",
         str(ckpt / "controller.pt")))
+
+
+def test_a_scaled_controller_is_a_rung_of_the_ladder_that_evaluate_plays(tmp_path):
+    """tools.scale_controller writes the truth's rung x0.5 as a controller.pt:
+    the same flat weights as tools.dream_truth scales, the V and M's
+    fingerprints kept, so evaluate.py plays it beside the same V and M."""
+    import torch
+    from conftest import write_tiny_controller
+
+    from models.controller import Controller
+
+    ckpt, out_dir = tmp_path / "ckpt", tmp_path / "scaled"
+    write_tiny_world_model(ckpt)
+    write_tiny_controller(ckpt, seed=1)
+    write_tiny_world_model(out_dir)  # the same V and M: the tiny world model is seeded
+    r = run_script("-m", "tools.scale_controller", "--ckpt-dir", str(ckpt), "--scale", "0.5", "--out-dir", str(out_dir))
+    assert r.returncode == 0, r.stderr
+    source = torch.load(ckpt / "controller.pt", weights_only=True)
+    scaled = torch.load(out_dir / "controller.pt", weights_only=True)
+    flat = Controller.from_checkpoint(source).get_flat()
+    assert np.allclose(Controller.from_checkpoint(scaled).get_flat(), 0.5 * flat) and np.abs(flat).max() > 0
+    assert scaled["scale"] == 0.5 and "held_out" not in scaled and scaled["fingerprint"] != source["fingerprint"]
+    assert scaled["vae_fingerprint"] == source["vae_fingerprint"]
+    played = tmp_path / "played.json"
+    r = run_script("evaluate.py", "--ckpt-dir", str(out_dir), "--episodes", "1", "--max-steps", "20",
+                   "--workers", "1", "--json", str(played))
+    assert r.returncode == 0, r.stderr
+    assert "times 0.5" in r.stdout and json.loads(played.read_text())["episodes"] == 1
+
+    # Bad input is one line, and the source is never overwritten.
+    assert "--scale" in error_line(run_script("-m", "tools.scale_controller", "--ckpt-dir", str(ckpt),
+                                              "--scale", "-1", "--out-dir", str(out_dir)))
+    assert "replace" in error_line(run_script("-m", "tools.scale_controller", "--ckpt-dir", str(ckpt),
+                                              "--out-dir", str(ckpt)))
+    assert "--out-dir" in error_line(run_script("-m", "tools.scale_controller", "--ckpt-dir", str(ckpt)))
+    assert "not found" in error_line(run_script("-m", "tools.scale_controller", "--ckpt-dir",
+                                                str(tmp_path / "none"), "--out-dir", str(out_dir)))
+    assert torch.equal(torch.load(ckpt / "controller.pt", weights_only=True)["model"]["net.weight"],
+                       source["model"]["net.weight"])
