@@ -45,7 +45,7 @@ import torch
 from models.controller import Controller, ControllerConfig
 from wm.agent import (AgentSpec, EpisodeRunner, build_agent, check_trained_with, load_models, map_episodes,
                       run_episode, run_episodes)
-from wm.checkpoint import load_checkpoint, recorded_tracks
+from wm.checkpoint import describe_controller, load_checkpoint, recorded_tracks
 from wm.cli import AT_LEAST_1, NON_NEGATIVE, fail, resolve_device, run_main, UsageError
 from wm.env import EVAL_SEED, DrivingLog, make_env
 from wm.files import writable_file, write_atomically
@@ -121,10 +121,7 @@ def agent_spec(cfg: Config) -> tuple[AgentSpec, np.ndarray | None]:
     check_trained_with(ckpt, path, fingerprints)
     spec.action_repeat = ckpt["action_repeat"]  # the frames each action was held in training
     held = f", each action held {spec.action_repeat} frames" if spec.action_repeat != 1 else ""
-    scaled = f" times {ckpt['scale']:g} (tools/scale_controller.py)" if "scale" in ckpt else ""
-    scored = f", held-out score {ckpt['held_out']:.1f}" if "held_out" in ckpt else ", not scored on held-out tracks"
-    print(f"C: {controller.cfg.features}, {controller.n_params} parameters, generation "
-          f"{ckpt.get('generation')}{scaled}{scored}{held}")
+    print(f"C: {controller.cfg.features}, {controller.n_params} parameters, {describe_controller(ckpt)}{held}")
     spec.ckpt_dir, spec.controller = str(cfg.ckpt_dir), ckpt["model_args"]
     return spec, controller.get_flat()
 

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from models.controller import FEATURES, Controller, ControllerConfig
 from wm.agent import AgentSpec, EpisodeRunner, check_trained_with, load_models, map_episodes
-from wm.checkpoint import keep_finished, load_checkpoint, save_checkpoint
+from wm.checkpoint import describe_controller, keep_finished, load_checkpoint, save_checkpoint
 from wm.cli import AT_LEAST_1, AT_LEAST_2, NON_NEGATIVE, POSITIVE, fail, resolve_device, run_main
 from wm.dream import make_dream, save_dream_strip
 from wm.env import HELD_OUT_SEED, SEED_LIMIT, TRAIN_SEED  # the track-seed ranges
@@ -244,7 +244,7 @@ def warm_start(path: str, controller: Controller, fingerprints: dict, action_rep
         raise fail(f"--init-from {path} holds each action {ckpt['action_repeat']} frames, this run "
                    f"{action_repeat}; give a controller.pt trained with this mdnrnn.pt")
     controller.load_state_dict(ckpt["model"])
-    print(f"warm start from {path} (generation {ckpt['generation']}, held-out {ckpt['held_out']:.1f})")
+    print(f"warm start from {path} ({describe_controller(ckpt)})")
     return controller.get_flat()
 
 

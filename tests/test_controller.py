@@ -547,6 +547,16 @@ def test_init_from_starts_a_fresh_search_at_that_c_s_weights(tmp_path, monkeypat
     run(1, path=beside_c, restart=True, init_from_any_m=True)
     np.testing.assert_array_equal(asked[0], Controller.from_checkpoint(load_checkpoint(beside_c, "controller")).get_flat())
 
+    # A C that tools/scale_controller.py wrote has no held-out score; it warm-starts all the same.
+    scaled = write_tiny_controller(warm, seed=5)
+    save_checkpoint(scaled, {k: v for k, v in load_checkpoint(scaled, "controller").items() if k != "held_out"}
+                    | {"scale": 0.5})
+    capsys.readouterr()
+    asked.clear()
+    run(1, path=scaled, restart=True)
+    np.testing.assert_array_equal(asked[0], Controller.from_checkpoint(load_checkpoint(scaled, "controller")).get_flat())
+    assert "times 0.5 (tools/scale_controller.py), not scored on held-out tracks" in capsys.readouterr().out
+
 
 def test_a_controller_pt_without_its_es_state_is_kept_unless_restart(tmp_path):
     """A finished run committed without controller_es.npz cannot resume; a

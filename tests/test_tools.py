@@ -160,6 +160,15 @@ def test_a_scaled_controller_is_a_rung_of_the_ladder_that_evaluate_plays(tmp_pat
     assert r.returncode == 0, r.stderr
     assert "times 0.5" in r.stdout and json.loads(played.read_text())["episodes"] == 1
 
+    # Scaled again, it records the product, from the C it first came from.
+    again = tmp_path / "again"
+    write_tiny_world_model(again)
+    r = run_script("-m", "tools.scale_controller", "--ckpt-dir", str(out_dir), "--scale", "0.5", "--out-dir", str(again))
+    assert r.returncode == 0, r.stderr
+    twice = torch.load(again / "controller.pt", weights_only=True)
+    assert twice["scale"] == 0.25 and twice["scaled_from"] == scaled["scaled_from"] == str(ckpt / "controller.pt")
+    assert np.allclose(Controller.from_checkpoint(twice).get_flat(), 0.25 * flat)
+
     # Bad input is one line, and the source is never overwritten.
     assert "--scale" in error_line(run_script("-m", "tools.scale_controller", "--ckpt-dir", str(ckpt),
                                               "--scale", "-1", "--out-dir", str(out_dir)))

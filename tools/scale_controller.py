@@ -4,7 +4,7 @@ controller.pt with all its weights and biases times --scale, written to
 
 A smaller scale is a gentler driver: every action's pre-activation shrinks
 toward zero, steering, gas and brake alike. The new file records the scale
-and the C it came from; its held-out score is not carried over, since the
+and the C it came from (a scaled C scaled again: the product, from the first); its held-out score is not carried over, since the
 scaled C has not been scored. --out-dir needs the same vae.pt and mdnrnn.pt
 as --ckpt-dir (evaluate.py refuses another pair).
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.controller import Controller
-from wm.checkpoint import load_checkpoint, save_checkpoint
+from wm.checkpoint import describe_controller, load_checkpoint, save_checkpoint
 from wm.cli import POSITIVE, fail, run_main
 from wm.files import writable_folder
 
@@ -44,9 +44,10 @@ def main(cfg: Config) -> Path:
     controller = Controller.from_checkpoint(ckpt)
     controller.set_flat(cfg.scale * controller.get_flat())
     kept = {k: v for k, v in ckpt.items() if k not in ("held_out", "held_out_std")}
-    save_checkpoint(target, {**kept, "model": controller.state_dict(), "scale": cfg.scale,
-                             "scaled_from": str(source)})
-    print(f"wrote {target}: {source} (generation {ckpt.get('generation')}) times {cfg.scale:g}")
+    # A scaled C scaled again records its scale from the C that CMA-ES wrote.
+    save_checkpoint(target, {**kept, "model": controller.state_dict(), "scale": cfg.scale * ckpt.get("scale", 1.0),
+                             "scaled_from": ckpt.get("scaled_from", str(source))})
+    print(f"wrote {target}: {source} ({describe_controller(ckpt)}) times {cfg.scale:g}")
     return target
 
 

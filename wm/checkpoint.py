@@ -104,6 +104,15 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
     return ckpt
 
 
+def describe_controller(ckpt: dict[str, Any]) -> str:
+    """What a controller.pt is, in a few words: its generation, the scale of a
+    C written by tools/scale_controller.py, and its held-out score, which a
+    scaled C does not have."""
+    scaled = f" times {ckpt['scale']:g} (tools/scale_controller.py)" if "scale" in ckpt else ""
+    scored = f", held-out score {ckpt['held_out']:.1f}" if "held_out" in ckpt else ", not scored on held-out tracks"
+    return f"generation {ckpt.get('generation')}{scaled}{scored}"
+
+
 def check_fits(path: Path, kind: str, ckpt: dict[str, Any]) -> None:
     """One line, not a traceback from deep inside torch, for a checkpoint
     whose settings or tensors are not this repository's model's: no
