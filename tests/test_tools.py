@@ -179,3 +179,67 @@ def test_a_scaled_controller_is_a_rung_of_the_ladder_that_evaluate_plays(tmp_pat
                                                 str(tmp_path / "none"), "--out-dir", str(out_dir)))
     assert torch.equal(torch.load(ckpt / "controller.pt", weights_only=True)["model"]["net.weight"],
                        source["model"]["net.weight"])
+
+
+def test_a_fixed_gas_is_constant_and_the_dream_picks_it(tmp_path):
+    """tools.scale_controller --gas writes C times --scale with its gas at that
+    constant, for any frame, its steering and brake the scaled C's; and
+    tools.dream_gas dreams those variants: each row's return is that C's own
+    in the dream, dreamed alone on the same seeds."""
+    import csv
+
+    import torch
+    from conftest import write_tiny_controller
+    from test_dream import write_tiny_latents
+
+    from models.controller import Controller
+    from wm.checkpoint import load_checkpoint
+    from wm.dream import make_dream
+
+    ckpt, out_dir = tmp_path / "ckpt", tmp_path / "gas"
+    write_tiny_world_model(ckpt)
+    write_tiny_controller(ckpt, seed=1)
+    write_tiny_world_model(out_dir)
+    r = run_script("-m", "tools.scale_controller", "--ckpt-dir", str(ckpt), "--scale", "0.5", "--gas", "0.3",
+                   "--out-dir", str(out_dir))
+    assert r.returncode == 0, r.stderr
+    source = Controller.from_checkpoint(torch.load(ckpt / "controller.pt", weights_only=True))
+    fixed_ckpt = torch.load(out_dir / "controller.pt", weights_only=True)
+    fixed = Controller.from_checkpoint(fixed_ckpt)
+    assert fixed_ckpt["gas"] == 0.3 and fixed_ckpt["scale"] == 0.5
+    halved = Controller(source.cfg)
+    halved.set_flat(0.5 * source.get_flat())
+    z, h = torch.randn(50, source.cfg.latent_size) * 3, torch.randn(50, source.cfg.hidden_size)
+    with torch.no_grad():
+        ours, theirs = fixed(z, h), halved(z, h)
+    assert torch.allclose(ours[:, 1], torch.full((50,), 0.3), atol=1e-6) and theirs[:, 1].std() > 0.01
+    assert torch.allclose(ours[:, [0, 2]], theirs[:, [0, 2]])
+    r = run_script("evaluate.py", "--ckpt-dir", str(out_dir), "--episodes", "1", "--max-steps", "10", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "gas fixed at 0.3" in r.stdout
+
+    latents = tmp_path / "latents"
+    write_tiny_latents(latents, load_checkpoint(ckpt / "vae.pt", "vae")["fingerprint"], n=3, steps=30)
+    table = tmp_path / "gas.csv"
+    r = run_script("-m", "tools.dream_gas", "--ckpt-dir", str(ckpt), "--latent-dir", str(latents), "--scales", "0.5,1",
+                   "--gases", "0.3", "--dream-start", "5", "--dream-frames", "12", "--dreams", "6", "--sets", "2",
+                   "--seed", "7", "--csv", str(table))
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(table.open()))
+    assert [(row["scale"], row["gas"]) for row in rows] == [("0.5", "own"), ("0.5", "0.3"), ("1.0", "own"), ("1.0", "0.3")]
+    dream, _ = make_dream(ckpt, source, latents, max_steps=12, start_step=5)
+    for row, c in [(rows[1], fixed), (rows[2], source)]:
+        for s, seeds in [("set_1", range(7, 13)), ("set_2", range(13, 19))]:
+            alone = dream.run(c.get_flat()[None], list(seeds)).returns.mean().item()
+            assert float(row[s]) == pytest.approx(alone, abs=0.01)
+        assert float(row["mean"]) == pytest.approx((float(row["set_1"]) + float(row["set_2"])) / 2, abs=0.01)
+    assert float(rows[1]["gas_mean"]) == float(rows[1]["gas_median"]) == 0.3
+    assert 0 <= float(rows[2]["gas_median"]) <= 1 and float(rows[2]["gas_mean"]) != 0.3
+
+    # Bad input is one line.
+    assert "--gas" in error_line(run_script("-m", "tools.scale_controller", "--ckpt-dir", str(ckpt), "--gas", "1",
+                                            "--out-dir", str(out_dir)))
+    assert "--gases" in error_line(run_script("-m", "tools.dream_gas", "--ckpt-dir", str(ckpt), "--latent-dir",
+                                              str(latents), "--gases", "0,2"))
+    assert "latent" in error_line(run_script("-m", "tools.dream_gas", "--ckpt-dir", str(ckpt), "--latent-dir",
+                                             str(tmp_path / "none")))

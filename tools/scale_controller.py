@@ -4,11 +4,16 @@ controller.pt with all its weights and biases times --scale, written to
 
 A smaller scale is a gentler driver: every action's pre-activation shrinks
 toward zero, steering, gas and brake alike. The new file records the scale
-and the C it came from (a scaled C scaled again: the product, from the first); its held-out score is not carried over, since the
-scaled C has not been scored. --out-dir needs the same vae.pt and mdnrnn.pt
-as --ckpt-dir (evaluate.py refuses another pair).
+and the C it came from (a scaled C scaled again: the product, from the
+first); its held-out score is not carried over, since the scaled C has not
+been scored. --gas G fixes C's gas at G instead of scaling it: the gas
+row's weights 0 and its bias atanh(2G - 1), so that C steers (and brakes) as
+the scaled C does, at a constant gas; tools/dream_gas.py picks G in M's
+dream. --out-dir needs the same vae.pt and mdnrnn.pt as --ckpt-dir
+(evaluate.py refuses another pair).
 
 usage: python -m tools.scale_controller --ckpt-dir checkpoints/pretrained/dream_seeds --scale 0.85 --out-dir checkpoints/pretrained/dream_scaled_085
+       python -m tools.scale_controller --ckpt-dir checkpoints/pretrained/dream_seeds --scale 0.85 --gas 0.35 --out-dir checkpoints/dream_gas
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from models.controller import Controller
 from wm.checkpoint import describe_controller, load_checkpoint, save_checkpoint
-from wm.cli import POSITIVE, fail, run_main
+from wm.cli import POSITIVE, Range, fail, run_main
 from wm.files import writable_folder
 
 
@@ -26,9 +34,18 @@ from wm.files import writable_folder
 class Config:
     ckpt_dir: str = "checkpoints"  # the folder of the controller.pt to scale
     scale: float = 0.85  # its weights times this (tools/dream_truth.py --scales); 1 is C itself
+    gas: float = 0.0  # 0: C's own gas, scaled; between 0 and 1: C's gas fixed at this
     out_dir: str = ""  # the scaled controller.pt goes here, beside the same vae.pt and mdnrnn.pt
 
-    RANGES = {"scale": POSITIVE}
+    RANGES = {"scale": POSITIVE, "gas": Range("from 0 up to, not including, 1", lambda v: 0 <= v < 1)}
+
+
+def fix_gas(controller: Controller, gas: float) -> None:
+    """C's gas, (tanh(x) + 1) / 2 of its last layer's second output, made the
+    constant `gas`: that output's weights 0, its bias atanh(2 gas - 1)."""
+    last = controller.net if isinstance(controller.net, torch.nn.Linear) else controller.net[-1]
+    last.weight[1] = 0.0
+    last.bias[1] = float(np.arctanh(2 * gas - 1))
 
 
 def main(cfg: Config) -> Path:
@@ -43,11 +60,15 @@ def main(cfg: Config) -> Path:
     writable_folder(cfg.out_dir, "--out-dir")
     controller = Controller.from_checkpoint(ckpt)
     controller.set_flat(cfg.scale * controller.get_flat())
-    kept = {k: v for k, v in ckpt.items() if k not in ("held_out", "held_out_std")}
+    gas = cfg.gas or ckpt.get("gas", 0.0)  # a fixed gas stays fixed when its C is scaled again
+    if gas:
+        fix_gas(controller, gas)
+    kept = {k: v for k, v in ckpt.items() if k not in ("held_out", "held_out_std", "gas")}
     # A scaled C scaled again records its scale from the C that CMA-ES wrote.
     save_checkpoint(target, {**kept, "model": controller.state_dict(), "scale": cfg.scale * ckpt.get("scale", 1.0),
-                             "scaled_from": ckpt.get("scaled_from", str(source))})
-    print(f"wrote {target}: {source} ({describe_controller(ckpt)}) times {cfg.scale:g}")
+                             "scaled_from": ckpt.get("scaled_from", str(source)), **({"gas": gas} if gas else {})})
+    fixed = f", gas fixed at {gas:g}" if gas else ""
+    print(f"wrote {target}: {source} ({describe_controller(ckpt)}) times {cfg.scale:g}{fixed}")
     return target
 
 

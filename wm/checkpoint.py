@@ -106,9 +106,10 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
 
 def describe_controller(ckpt: dict[str, Any]) -> str:
     """What a controller.pt is, in a few words: its generation, the scale of a
-    C written by tools/scale_controller.py, and its held-out score, which a
+    C written by tools/scale_controller.py (and its fixed gas), and its held-out score, which a
     scaled C does not have."""
     scaled = f" times {ckpt['scale']:g} (tools/scale_controller.py)" if "scale" in ckpt else ""
+    scaled += f", gas fixed at {ckpt['gas']:g}" if "gas" in ckpt else ""
     scored = f", held-out score {ckpt['held_out']:.1f}" if "held_out" in ckpt else ", not scored on held-out tracks"
     return f"generation {ckpt.get('generation')}{scaled}{scored}"
 
