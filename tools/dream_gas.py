@@ -26,7 +26,7 @@ import torch
 
 from models.controller import Controller
 from tools.scale_controller import fix_gas
-from wm.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, fail, run_main
+from wm.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, fail, numbers, run_main
 from wm.checkpoint import load_checkpoint
 from wm.dream import make_dream
 from wm.files import write_atomically
@@ -50,26 +50,6 @@ class Config:
               "seed": NON_NEGATIVE, "temperature": POSITIVE}
 
 
-def numbers(text: str, flag: str, ok) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v]
-    except ValueError:
-        raise fail(f"{flag} must be comma-separated numbers, got {text!r}") from None
-    if not values or not all(ok(v) for v in values):
-        raise fail(f"{flag} {text!r}: give one or more numbers, " + ok.__doc__)
-    return values
-
-
-def positive(v):
-    """each above 0"""
-    return v > 0
-
-
-def a_gas(v):
-    """each between 0 and 1"""
-    return 0 < v < 1
-
-
 def variants(controller: Controller, scales: list[float], gases: list[float]) -> dict[tuple[float, str], np.ndarray]:
     """{(scale, "own" or the gas): flat weights} of C times each scale, its gas
     its own or fixed."""
@@ -85,7 +65,11 @@ def variants(controller: Controller, scales: list[float], gases: list[float]) ->
 
 
 def main(cfg: Config) -> list[dict]:
-    scales, gases = numbers(cfg.scales, "--scales", positive), numbers(cfg.gases, "--gases", a_gas)
+    scales, gases = numbers(cfg.scales, "--scales", "scale"), numbers(cfg.gases, "--gases", "gas")
+    if not all(s > 0 for s in scales):
+        raise fail(f"--scales {cfg.scales!r}: each must be above 0")
+    if not all(0 < g < 1 for g in gases):
+        raise fail(f"--gases {cfg.gases!r}: each must be between 0 and 1")
     path = Path(cfg.ckpt_dir) / "controller.pt"
     controller = Controller.from_checkpoint(load_checkpoint(path, "controller"))
     dream, _ = make_dream(cfg.ckpt_dir, controller, cfg.latent_dir, cfg.temperature, cfg.dream_frames,

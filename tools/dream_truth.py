@@ -55,7 +55,7 @@ import torch
 from models.controller import Controller
 from wm.agent import Agent, check_trained_with, run_episode
 from wm.checkpoint import load_checkpoint
-from wm.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, fail, run_main
+from wm.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, fail, numbers, run_main
 from wm.dream import Dream, StartStates, check_dream_heads, replay_in_game
 from wm.env import HELD_OUT_SEED, make_env
 from wm.files import write_atomically
@@ -85,12 +85,7 @@ class Config:
 def load_ladder(cfg: Config, fingerprints: dict) -> tuple[Controller, dict[str, np.ndarray]]:
     """C's structure and the ladder's weights, {label: flat weights}."""
     paths = [p for p in cfg.controllers.split(",") if p] or [str(Path(cfg.ckpt_dir) / "controller.pt")]
-    try:
-        scales = [float(s) for s in cfg.scales.split(",") if s]
-    except ValueError:
-        raise fail(f"--scales must be comma-separated numbers, got {cfg.scales!r}") from None
-    if not scales:
-        raise fail("--scales names no scale")
+    scales = numbers(cfg.scales, "--scales", "scale")
     ladder, controller = {}, None
     for path in paths:
         if not Path(path).is_file():

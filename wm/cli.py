@@ -43,6 +43,18 @@ def fail(message: str) -> UsageError:
     return UsageError(message)
 
 
+def numbers(text: str, flag: str, what: str) -> list[float]:
+    """A flag's comma-separated numbers ("0,0.5,1"), or a one-line error that
+    names the flag; `what` names one of them in that error."""
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise fail(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise fail(f"{flag} names no {what}")
+    return values
+
+
 def run_main(main: Callable[[Any], Any], config_cls: type, argv: list[str] | None = None) -> None:
     """Parse flags into `config_cls`, run `main(cfg)`, and turn a UsageError or
     Ctrl-C into one line on stderr instead of a traceback."""
