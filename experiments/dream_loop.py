@@ -48,7 +48,7 @@ from models import MIXTURES, MDNRNNConfig
 from wm.checkpoint import load_checkpoint
 from wm.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, fail, flag, run_main
 from wm.env import COLLECT_SEED
-from wm.files import locked, writable_folder
+from wm.files import link, locked, writable_folder
 from wm.metrics import MetricsLog, save_figure
 from wm.rollouts import load_arrays, read_setting, rollout_path
 
@@ -123,13 +123,6 @@ def lap_frames(cfg: Config, seeds: range) -> int:
     """Real frames of those laps: rows times the frames each action was held."""
     paths = [rollout_path(cfg.data_dir, s) for s in seeds]
     return sum(len(load_arrays(p, ["actions"])["actions"]) * read_setting(p, "action_repeat") for p in paths)
-
-
-def link(target: str | os.PathLike, folder: Path) -> None:
-    """folder/<target's name> -> target, relative, so the folder can move with the tree."""
-    path = folder / Path(target).name
-    if not path.exists():
-        path.symlink_to(os.path.relpath(Path(target).resolve(), folder.resolve()))
 
 
 def one_round(cfg: Config, r: int, folder: Path) -> dict:

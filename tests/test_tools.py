@@ -136,7 +136,7 @@ def test_the_dream_truth_command_measures_a_ladder(tmp_path):
 def test_a_scaled_controller_is_a_rung_of_the_ladder_that_evaluate_plays(tmp_path):
     """tools.scale_controller writes the truth's rung x0.5 as a controller.pt:
     the same flat weights as tools.dream_truth scales, the V and M's
-    fingerprints kept, so evaluate.py plays it beside the same V and M."""
+    fingerprints kept, and links to that V and M, so evaluate.py plays it."""
     import torch
     from conftest import write_tiny_controller
 
@@ -145,9 +145,10 @@ def test_a_scaled_controller_is_a_rung_of_the_ladder_that_evaluate_plays(tmp_pat
     ckpt, out_dir = tmp_path / "ckpt", tmp_path / "scaled"
     write_tiny_world_model(ckpt)
     write_tiny_controller(ckpt, seed=1)
-    write_tiny_world_model(out_dir)  # the same V and M: the tiny world model is seeded
     r = run_script("-m", "tools.scale_controller", "--ckpt-dir", str(ckpt), "--scale", "0.5", "--out-dir", str(out_dir))
     assert r.returncode == 0, r.stderr
+    for model in ("vae.pt", "mdnrnn.pt"):
+        assert (out_dir / model).is_symlink() and (out_dir / model).resolve() == (ckpt / model).resolve()
     source = torch.load(ckpt / "controller.pt", weights_only=True)
     scaled = torch.load(out_dir / "controller.pt", weights_only=True)
     flat = Controller.from_checkpoint(source).get_flat()
@@ -162,12 +163,12 @@ def test_a_scaled_controller_is_a_rung_of_the_ladder_that_evaluate_plays(tmp_pat
 
     # Scaled again, it records the product, from the C it first came from.
     again = tmp_path / "again"
-    write_tiny_world_model(again)
     r = run_script("-m", "tools.scale_controller", "--ckpt-dir", str(out_dir), "--scale", "0.5", "--out-dir", str(again))
     assert r.returncode == 0, r.stderr
     twice = torch.load(again / "controller.pt", weights_only=True)
     assert twice["scale"] == 0.25 and twice["scaled_from"] == scaled["scaled_from"] == str(ckpt / "controller.pt")
     assert np.allclose(Controller.from_checkpoint(twice).get_flat(), 0.25 * flat)
+    assert (again / "vae.pt").resolve() == (ckpt / "vae.pt").resolve()
 
     # Bad input is one line, and the source is never overwritten.
     assert "--scale" in error_line(run_script("-m", "tools.scale_controller", "--ckpt-dir", str(ckpt),

@@ -9,8 +9,9 @@ first); its held-out score is not carried over, since the scaled C has not
 been scored. --gas G fixes C's gas at G instead of scaling it: the gas
 row's weights 0 and its bias atanh(2G - 1), so that C steers (and brakes) as
 the scaled C does, at a constant gas; tools/dream_gas.py picks G in M's
-dream. --out-dir needs the same vae.pt and mdnrnn.pt as --ckpt-dir
-(evaluate.py refuses another pair).
+dream. --out-dir gets links to --ckpt-dir's vae.pt and mdnrnn.pt where it
+has none, so that evaluate.py plays it at once; a pair already there must
+be the same (evaluate.py refuses another).
 
 usage: python -m tools.scale_controller --ckpt-dir checkpoints/pretrained/dream_seeds --scale 0.85 --out-dir checkpoints/pretrained/dream_scaled_085
        python -m tools.scale_controller --ckpt-dir checkpoints/pretrained/dream_seeds --scale 0.85 --gas 0.35 --out-dir checkpoints/dream_gas
@@ -27,7 +28,7 @@ import torch
 from models.controller import Controller
 from wm.checkpoint import describe_controller, load_checkpoint, save_checkpoint
 from wm.cli import POSITIVE, Range, fail, run_main
-from wm.files import writable_folder
+from wm.files import link, writable_folder
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Config:
     ckpt_dir: str = "checkpoints"  # the folder of the controller.pt to scale
     scale: float = 0.85  # its weights times this (tools/dream_truth.py --scales); 1 is C itself
     gas: float = 0.0  # 0: C's own gas, scaled; between 0 and 1: C's gas fixed at this
-    out_dir: str = ""  # the scaled controller.pt goes here, beside the same vae.pt and mdnrnn.pt
+    out_dir: str = ""  # the scaled controller.pt goes here, with links to --ckpt-dir's vae.pt and mdnrnn.pt
 
     RANGES = {"scale": POSITIVE, "gas": Range("from 0 up to, not including, 1", lambda v: 0 <= v < 1)}
 
@@ -67,6 +68,9 @@ def main(cfg: Config) -> Path:
     # A scaled C scaled again records its scale from the C that CMA-ES wrote.
     save_checkpoint(target, {**kept, "model": controller.state_dict(), "scale": cfg.scale * ckpt.get("scale", 1.0),
                              "scaled_from": ckpt.get("scaled_from", str(source)), **({"gas": gas} if gas else {})})
+    for model in ("vae.pt", "mdnrnn.pt"):
+        if (Path(cfg.ckpt_dir) / model).exists():
+            link(Path(cfg.ckpt_dir) / model, Path(cfg.out_dir))
     fixed = f", gas fixed at {gas:g}" if gas else ""
     print(f"wrote {target}: {source} ({describe_controller(ckpt)}) times {cfg.scale:g}{fixed}")
     return target

@@ -131,6 +131,13 @@ def alive(pid: int) -> bool:
     return True
 
 
+def link(target: str | os.PathLike, folder: Path) -> None:
+    """folder/<target's name> -> target, relative, so the folder can move with the tree."""
+    path = folder / Path(target).name
+    if not path.exists():
+        path.symlink_to(os.path.relpath(Path(target).resolve(), folder.resolve()))
+
+
 def writable_folder(folder: str | os.PathLike, flag: str) -> Path:
     """Create the output folder that `flag` names and check that a file can be
     written in it, or fail with one line."""
