@@ -54,7 +54,7 @@ from models.controller import FEATURES, Controller, ControllerConfig
 from wm.agent import AgentSpec, EpisodeRunner, check_trained_with, load_models, map_episodes
 from wm.checkpoint import describe_controller, keep_finished, load_checkpoint, save_checkpoint
 from wm.cli import AT_LEAST_1, AT_LEAST_2, NON_NEGATIVE, POSITIVE, fail, resolve_device, run_main
-from wm.dream import make_dream, save_dream_strip
+from wm.dream import DreamEnsemble, make_dream, save_dream_strip
 from wm.env import HELD_OUT_SEED, SEED_LIMIT, TRAIN_SEED  # the track-seed ranges
 from wm.files import locked, writable_folder
 from wm.metrics import MetricsLog
@@ -87,6 +87,7 @@ class Config:
     temperature: float = 1.0  # dream: tau of M's sampling; above 1 C cannot exploit M's flaws (the paper's VizDoom: 1.15)
     latent_dir: str = "data/latents"  # dream: episodes start from the first frames of these rollouts
     dream_start: int = 0  # dream: start at this agent step of those rollouts or later (every 10th), M's memory warmed up on the real steps before it (0: the first frame, memory at zero, as the paper)
+    dream_ensemble: str = ""  # dream: more mdnrnn.pt files of M's size, trained with the same vae.pt, comma-separated: each rollout is dreamed in M and in each of them (C reading that M's h) and a member's fitness is the mean, so that exploiting one M's flaw pays less
     dream_frames: int = 0  # dream: an episode's time limit in frames (0: --max-steps); with --dream-start, a dream that ends while M still tracks the game
     device: str = "auto"  # dream: where the dream runs, auto, cpu or cuda (workers use the CPU)
     bf16: bool = False  # dream: M's matrix products in bfloat16, 2-3x faster on CPUs with bf16 instructions, ~3 digits
@@ -193,6 +194,8 @@ def check_config(cfg: Config) -> None:
         raise fail(f"--action-repeat must be 0 (M's, or 1 without M) or a number of frames, got {cfg.action_repeat}")
     if cfg.mode not in ("real", "dream"):
         raise fail(f"--mode must be real or dream, got {cfg.mode!r}")
+    if cfg.dream_ensemble and cfg.mode != "dream":
+        raise fail(f"--dream-ensemble dreams in more Ms: it needs --mode dream, got --mode {cfg.mode}")
     if cfg.race and (cfg.mode != "real" or cfg.rollouts_per_member < 2):
         raise fail(f"--race splits each member's tracks in two on the real game: it needs --mode real and "
                    f"--rollouts-per-member 2 or more, got --mode {cfg.mode} --rollouts-per-member {cfg.rollouts_per_member}")
@@ -219,10 +222,11 @@ def load_es_state(ckpt_dir: Path, signature: dict) -> tuple[Search, dict] | None
     if made["mode"] != this["mode"]:
         raise fail(f"{path} is from a {made['mode']}-mode run and this one is {this['mode']}-mode; pass "
                    f"--mode {made['mode']} to resume it, or --restart to start over")
-    for key, value in this.items():
-        if made.get(key) != value:
+    # A key that only some runs have (an ensemble's Ms) counts when either run has it.
+    for key in {**this, **{k: None for k in ("dream_ensemble",) if k in made}}:
+        if made.get(key) != this.get(key):
             raise fail(f"{path} was made with {key} = {made.get(key)}, this run has "
-                       f"{value}; pass --restart to start over, or match its settings")
+                       f"{this.get(key)}; pass --restart to start over, or match its settings")
     return search, info
 
 
@@ -313,6 +317,30 @@ def print_row(row: dict) -> None:
           f"{row['steps_per_s']:.0f} steps/s  {row['seconds']:.1f} s", flush=True)
 
 
+def dream_ensemble(cfg: Config, dream, mdnrnn, controller: Controller) -> tuple:
+    """--dream-ensemble's Ms beside M: (the fitness, their fingerprints), or
+    (M's dream, []) without it. Each must be of M's size and action repeat
+    (C reads its h and holds its actions as M's) and trained with this V."""
+    paths = [p.strip() for p in cfg.dream_ensemble.split(",") if p.strip()]
+    if not paths:
+        return dream, []
+    dreams, fingerprints = [dream], []
+    for path in paths:
+        if not Path(path).is_file():
+            raise fail(f"--dream-ensemble {path}: no such file; give mdnrnn.pt files trained with this vae.pt")
+        other, world = make_dream(cfg.ckpt_dir, controller, cfg.latent_dir, cfg.temperature, episode_frames(cfg),
+                                  resolve_device(cfg.device), cfg.bf16, cfg.dream_start, mdnrnn_path=path)
+        size = (world.mdnrnn.cfg.hidden_size, world.mdnrnn.cfg.action_repeat)
+        if size != (mdnrnn.cfg.hidden_size, mdnrnn.cfg.action_repeat):
+            raise fail(f"--dream-ensemble {path} has hidden size {size[0]} and action repeat {size[1]}, "
+                       f"mdnrnn.pt {mdnrnn.cfg.hidden_size} and {mdnrnn.cfg.action_repeat}; C reads one M's h, "
+                       f"so give Ms of its size")
+        dreams.append(other)
+        fingerprints.append(world.mdnrnn_fingerprint)
+    print(f"dreams in {len(dreams)} Ms: mdnrnn.pt and {', '.join(paths)}; fitness is their mean")
+    return DreamEnsemble(dreams), fingerprints
+
+
 def episode_frames(cfg: Config) -> int:
     """A training episode's time limit in frames: a dream's may be shorter."""
     return (cfg.dream_frames or cfg.max_steps) if cfg.mode == "dream" else cfg.max_steps
@@ -332,6 +360,7 @@ def main(cfg: Config) -> dict:
         dream, world = make_dream(ckpt_dir, controller, cfg.latent_dir, cfg.temperature, episode_frames(cfg),
                                   resolve_device(cfg.device), cfg.bf16, cfg.dream_start)
         mdnrnn = world.mdnrnn  # C may not read M itself, but it dreams in M
+        dream, ensemble = dream_ensemble(cfg, dream, mdnrnn, controller)
     action_repeat = pick_action_repeat(cfg.action_repeat, mdnrnn)
     del vae, mdnrnn  # the workers load their own copies
     writable_folder(ckpt_dir, "--ckpt-dir")
@@ -342,6 +371,8 @@ def main(cfg: Config) -> dict:
                  "action_repeat": action_repeat, **fingerprints}
     if cfg.mode == "dream":
         signature.update(mode="dream", dream_mdnrnn_fingerprint=world.mdnrnn_fingerprint)
+        if ensemble:
+            signature["dream_ensemble"] = ensemble
     search, state = start_or_resume(cfg, ckpt_dir, controller, signature, fingerprints, action_repeat)
     es = state["es"] = search.es  # for a caller in this process: pycma's mean, sigma and result
     start = state["generation"]

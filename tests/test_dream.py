@@ -379,6 +379,57 @@ def test_dream_mode_refuses_bad_input(tmp_path):
     assert "no done head" in r.stderr and "--done-weight" in r.stderr
 
 
+def write_other_m(path: Path, ckpt: Path, seed: int, hidden_size: int = 16) -> Path:
+    """Another tiny M trained with ckpt's vae.pt (other weights, or another size)."""
+    from dataclasses import asdict
+
+    from wm.checkpoint import save_checkpoint
+
+    m = load_checkpoint(ckpt / "mdnrnn.pt", "mdnrnn")
+    cfg = MDNRNNConfig(**{**m["model_args"], "hidden_size": hidden_size})
+    torch.manual_seed(seed)
+    save_checkpoint(path, {**m, "model": MDNRNN(cfg).state_dict(), "model_args": asdict(cfg)})
+    return path
+
+
+def test_an_ensemble_ranks_members_by_the_mean_of_each_m_s_dream(tmp_path, monkeypatch):
+    """--dream-ensemble dreams every rollout in M and in each other M: with
+    the same CMA-ES seed (the same first population and tracks), generation
+    1's fitness is the mean of the runs in each M alone."""
+    import shutil
+
+    import train_controller
+
+    monkeypatch.chdir(tmp_path)  # folders given as a user does, relative
+    tmp_path = Path(".")
+    ckpt, latents = dream_setup(tmp_path)
+    other = write_other_m(tmp_path / "other.pt", ckpt, seed=5)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(ckpt / "vae.pt", alone / "vae.pt")
+    shutil.copy(other, alone / "mdnrnn.pt")
+    both = tmp_path / "both"
+    shutil.copytree(ckpt, both)
+    runs = {}
+    for name, folder, extra in [("m", ckpt, {}), ("other", alone, {}), ("both", both, {"dream_ensemble": str(other)})]:
+        train_controller.main(dream_config(folder, latents, generations=1, eval_every=100, seed=3, **extra))
+        runs[name] = [float(x) for x in (folder / "controller_metrics.csv").read_text().splitlines()[1].split(",")[1:4]]
+    assert runs["m"] != runs["other"]
+    assert runs["both"][0] == pytest.approx((runs["m"][0] + runs["other"][0]) / 2, abs=1e-4)
+    assert load_checkpoint(both / "controller.pt", "controller")["config"]["dream_ensemble"] == str(other)
+    # A resume without the ensemble is another run: refused.
+    with pytest.raises(UsageError, match="dream_ensemble"):
+        train_controller.main(dream_config(both, latents, generations=2, seed=3))
+    # Bad input is one line.
+    shutil.copytree(ckpt, tmp_path / "fresh")
+    for value, says in [(str(tmp_path / "none.pt"), "no such file"),
+                        (str(write_other_m(tmp_path / "small.pt", ckpt, seed=6, hidden_size=8)), "hidden size 8")]:
+        with pytest.raises(UsageError, match=says):
+            train_controller.main(dream_config(tmp_path / "fresh", latents, dream_ensemble=value))
+    with pytest.raises(UsageError, match="--dream-ensemble dreams in more Ms: it needs --mode dream"):
+        train_controller.main(dream_config(ckpt, latents, mode="real", dream_ensemble=str(other)))
+
+
 def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
     """experiments/dream_loop.py, two tiny rounds end to end as a user runs
     it: laps of the first driver, then of round 1's C; an M and a C per

@@ -185,12 +185,14 @@ def replay_in_game(env, seed: int, before, actions, k: int, view: str) -> Replay
 
 def make_dream(ckpt_dir: str | os.PathLike, controller: Controller, latent_dir: str | os.PathLike,
                temperature: float = 1.0, max_steps: int = 1000, device: torch.device | str = "cpu",
-               bf16: bool = False, start_step: int = 0) -> tuple["Dream", WorldModel]:
-    """The dream of the V and M in `ckpt_dir`, starting from the latents in
-    `latent_dir` (at `start_step`, see load_start_states), for controllers
-    shaped like `controller` -> (dream, world)."""
-    world = load_world_model(ckpt_dir, device)
-    check_dream_heads(world.mdnrnn, Path(ckpt_dir) / "mdnrnn.pt")
+               bf16: bool = False, start_step: int = 0, mdnrnn_path: str | os.PathLike = "") -> tuple["Dream", WorldModel]:
+    """The dream of the V and M in `ckpt_dir` (or of the M at `mdnrnn_path`,
+    trained with that V), starting from the latents in `latent_dir` (at
+    `start_step`, see load_start_states), for controllers shaped like
+    `controller` -> (dream, world)."""
+    m_name = str(Path(mdnrnn_path).resolve()) if mdnrnn_path else "mdnrnn.pt"  # an absolute name is itself
+    world = load_world_model(ckpt_dir, device, mdnrnn_name=m_name)
+    check_dream_heads(world.mdnrnn, Path(ckpt_dir) / m_name)
     starts = load_start_states(latent_dir, world.vae_fingerprint, world.mdnrnn, start_step)
     return Dream(world.mdnrnn, controller, starts, temperature, max_steps, device, bf16), world
 
@@ -293,6 +295,21 @@ class Dream:
         result = self.run(np.stack(solutions), seeds)
         frames = (result.lengths * self.action_repeat).clamp(max=self.max_frames)
         return result.returns.mean(1).cpu().numpy().astype(np.float64), int(frames.sum())
+
+
+class DreamEnsemble:
+    """Several Ms' dreams as one fitness: every rollout is dreamed in each M,
+    from the same start and noise seeds, C reading that M's own h, and a
+    member's fitness is the mean over the Ms. A flaw of one M that C learns
+    to exploit pays 1/len(dreams) of what it pays in that M alone; what all
+    the Ms agree on pays in full."""
+
+    def __init__(self, dreams: list[Dream]):
+        self.dreams = dreams
+
+    def __call__(self, solutions: list[np.ndarray], seeds: list[int]) -> tuple[np.ndarray, int]:
+        results = [dream(solutions, seeds) for dream in self.dreams]
+        return np.mean([rewards for rewards, _ in results], axis=0), sum(frames for _, frames in results)
 
 
 @torch.no_grad()
