@@ -137,20 +137,27 @@ def test_the_results_table_s_other_cs_play(tmp_path, folder, features):
     assert json.loads(out.read_text())["steps"] == 60
 
 
-def test_the_dream_only_cs_read_the_repair_loop_s_m_and_the_shipped_one_plays(tmp_path):
-    """The dream-only Cs read round 10's M of the repair loop and the shipped
-    V through links; the scaled ones are the CMA-ES C's weights times their
-    scale (tools/scale_controller.py); the one in the results table plays."""
+def test_the_dream_only_cs_read_their_loop_s_m_and_the_shipped_one_plays(tmp_path):
+    """The dream-only Cs read their loop's M (round 10 of the repair loop, or
+    round 2 of the loop from laps past the grip) and the shipped V through
+    links; the scaled ones are their CMA-ES C's weights times their scale
+    (tools/scale_controller.py); the one in the results table plays."""
     shipped = ROOT / "checkpoints" / "pretrained"
-    source = torch.load(shipped / "dream_seeds" / "controller.pt", weights_only=True)
-    for folder, scale in (("dream_seeds", 1.0), ("dream_scaled_075", 0.75), ("dream_scaled_085", 0.85)):
-        assert (shipped / folder / "mdnrnn.pt").resolve() == (shipped / "dream_repair" / "mdnrnn.pt").resolve()
-        assert (shipped / folder / "vae.pt").resolve() == (shipped / "vae.pt").resolve()
-        ckpt = torch.load(shipped / folder / "controller.pt", weights_only=True)
-        assert ckpt.get("scale", 1.0) == scale, folder
-        assert all(torch.allclose(ckpt["model"][k], scale * source["model"][k]) for k in source["model"]), folder
+    for m, source, scaled in (("dream_repair", "dream_seeds", (("dream_scaled_075", 0.75), ("dream_scaled_085", 0.85))),
+                              ("dream_grip", "dream_grip_ensemble", (("dream_grip_ensemble_090", 0.9),))):
+        weights = torch.load(shipped / source / "controller.pt", weights_only=True)
+        for folder, scale in ((source, 1.0), *scaled):
+            assert (shipped / folder / "mdnrnn.pt").resolve() == (shipped / m / "mdnrnn.pt").resolve()
+            assert (shipped / folder / "vae.pt").resolve() == (shipped / "vae.pt").resolve()
+            ckpt = torch.load(shipped / folder / "controller.pt", weights_only=True)
+            assert ckpt.get("scale", 1.0) == scale, folder
+            assert all(torch.allclose(ckpt["model"][k], scale * weights["model"][k]) for k in weights["model"]), folder
+    # The ensemble's C dreamed in round 2's M and the M fine-tuned from it, which is shipped too.
+    member = torch.load(shipped / "dream_grip_m2" / "mdnrnn.pt", weights_only=True)
+    ensemble = torch.load(shipped / "dream_grip_ensemble" / "controller.pt", weights_only=True)
+    assert ensemble["config"]["dream_ensemble"] and member["vae_fingerprint"] == ensemble["vae_fingerprint"]
     out = tmp_path / "out.json"
-    r = run_script("evaluate.py", "--ckpt-dir", str(shipped / "dream_scaled_085"), "--episodes", "1",
+    r = run_script("evaluate.py", "--ckpt-dir", str(shipped / "dream_grip_ensemble_090"), "--episodes", "1",
                    "--max-steps", "60", "--workers", "1", "--json", str(out), timeout=180)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["steps"] == 60
