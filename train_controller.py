@@ -217,16 +217,16 @@ def load_es_state(ckpt_dir: Path, signature: dict) -> tuple[Search, dict] | None
         raise fail(f"{e}; pass --restart to start over")
     if not isinstance(info.get("signature"), dict) or "generation" not in info:
         raise fail(f"{path} is not a CMA-ES state of train_controller.py; pass --restart to start over")
-    # A real-mode run leaves "mode" out of its signature.
-    made, this = {"mode": "real", **info["signature"]}, {"mode": "real", **signature}
+    # A real-mode run leaves "mode" out of its signature, a run in one M "dream_ensemble".
+    absent = {"mode": "real", "dream_ensemble": []}
+    made, this = {**absent, **info["signature"]}, {**absent, **signature}
     if made["mode"] != this["mode"]:
         raise fail(f"{path} is from a {made['mode']}-mode run and this one is {this['mode']}-mode; pass "
                    f"--mode {made['mode']} to resume it, or --restart to start over")
-    # A key that only some runs have (an ensemble's Ms) counts when either run has it.
-    for key in {**this, **{k: None for k in ("dream_ensemble",) if k in made}}:
-        if made.get(key) != this.get(key):
+    for key, value in this.items():
+        if made.get(key) != value:
             raise fail(f"{path} was made with {key} = {made.get(key)}, this run has "
-                       f"{this.get(key)}; pass --restart to start over, or match its settings")
+                       f"{value}; pass --restart to start over, or match its settings")
     return search, info
 
 
