@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FakeClock, run_script, write_tiny_world_model
+from conftest import ROOT, FakeClock, run_script, write_tiny_world_model
 from models import MDNRNN, MDNOutput, MDNRNNConfig, sample_next_z
 from models.controller import Controller, ControllerConfig
 from wm.checkpoint import load_checkpoint
@@ -491,6 +491,77 @@ def test_the_dream_loop_runs_its_rounds_and_counts_every_real_frame(tmp_path):
                                                      str(tmp_path / "none"), "--out-dir", str(out)))
     assert error_line(run_script("-m", "experiments.dream_loop", "--mixture", "pixel", "--out-dir", str(out))) == \
         "error: --mixture must be one of dim, frame (or empty: --mdnrnn's), got 'pixel'"
+
+def test_the_dream_recipe_picks_on_the_held_out_tracks_and_counts_every_real_frame(tmp_path):
+    """experiments/dream_recipe.sh end to end at a tiny scale, from a tiny V,
+    M and C: each pick (the loop's round, the ensemble's run, the scale) is the
+    best held-out score of its candidates, the ensemble dreams in the picked
+    round's M and the one fine-tuned from it, and frames.json adds up every
+    real frame, the pick's scores included. A rerun redoes nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_tiny_controller
+
+    start = tmp_path / "from"
+    write_tiny_world_model(start, action_repeat=2)
+    write_tiny_controller(start, action_repeat=2)
+    out, data = tmp_path / "recipe", tmp_path / "data"
+    sizes = dict(GRIP_LAPS=1, FIRST_LAPS=1, LAPS=1, REPLAYS=1, ROUNDS=2, SEEDS=2, GENERATIONS=1, EVAL_EVERY=1, POP=4,
+                 PER_MEMBER=2, DREAM_START=2, DREAM_FRAMES=8, M_EPOCHS=1, TRUTH_EPISODES=1, HELD_OUT=1, EPISODES=1,
+                 MAX_STEPS=30, WORKERS=1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable, "FROM": str(start),
+           **{k: str(v) for k, v in sizes.items()}}
+
+    def recipe(**more):
+        return subprocess.run(["bash", "experiments/dream_recipe.sh", str(out), str(data), "10800"], cwd=ROOT,
+                              env={**env, **more}, capture_output=True, text=True, timeout=900)
+
+    r = recipe()
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((out / "frames.json").read_text())
+
+    def held_out(folder):
+        path = Path(folder)
+        if (path / "held_out.json").is_file():
+            return json.loads((path / "held_out.json").read_text())["mean"]
+        return load_checkpoint(path / "controller.pt", "controller")["held_out"]
+
+    rounds = sorted((out / "loop").glob("round_*"))
+    runs = sorted(out.glob("ensemble_s*"))
+    assert len(rounds) == 2 and len(runs) == 2
+    picked = [Path(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("picked ")]
+    assert picked[0] == max(rounds, key=held_out) and picked[1] == max(runs, key=held_out)
+    assert (ROOT / result["pick"]).resolve() == picked[2] == max([picked[1], out / "scaled_x0.9", out / "scaled_x1.1"],
+                                                     key=held_out)
+    m2 = load_checkpoint(out / "m2" / "mdnrnn.pt", "mdnrnn")
+    assert m2["config"]["init_from"] == str(picked[0] / "mdnrnn.pt")
+    c = load_checkpoint(runs[0] / "controller.pt", "controller")
+    assert c["config"]["mode"] == "dream" and [Path(p).resolve() for p in c["config"]["dream_ensemble"].split(",")] == \
+        [(out / "m2" / "mdnrnn.pt").resolve()]
+    assert (runs[0] / "mdnrnn.pt").resolve() == (picked[0] / "mdnrnn.pt").resolve()
+    assert not os.readlink(runs[0] / "mdnrnn.pt").startswith("/")  # the folders can move
+
+    frames = result["real_frames"]
+    assert frames["laps past the grip"] == 2 * 30  # tiny Cs finish no lap in 30 frames
+    loop_rows = (out / "loop" / "loop_metrics.csv").read_text().splitlines()
+    assert frames["the loop (laps, held-out scores, truth, replays)"] == int(loop_rows[-1].split(",")[
+        loop_rows[0].split(",").index("real_frames")])
+    assert frames["the picked round's laps"] == 30
+    assert frames["the ensemble's held-out scores"] == 2 * 30  # each run's mean on 1 track, once
+    assert frames["the scales' held-out scores"] == 2 * 30 and frames["the pick's scores"] == 2 * 30
+    assert frames["total"] == sum(v for k, v in frames.items() if k != "total")
+    scores = json.loads((ROOT / result["pick"] / "scores_unseen.json").read_text())
+    assert scores["seed"] == 400 and result["scores"]["scores_unseen"] == scores["mean"]
+
+    again = recipe()
+    assert again.returncode == 0 and json.loads((out / "frames.json").read_text()) == result
+    assert "already 2 rounds" in again.stdout
+    missing = recipe(FROM=str(tmp_path / "none"))
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"error: FROM={tmp_path / 'none'} has no vae.pt; give the folder of the V, M and C to start from"]
 
 
 def test_replays_put_the_game_back_where_the_dream_started_and_play_its_actions(tmp_path):
