@@ -50,7 +50,7 @@ from wm.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, fail, flag, run_main
 from wm.env import COLLECT_SEED
 from wm.files import link, locked, writable_folder
 from wm.metrics import MetricsLog, save_figure
-from wm.rollouts import load_arrays, read_setting, rollout_path
+from wm.rollouts import game_frames, rollout_path
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = ("lap_frames", "held_out_frames", "truth_frames", "replay_frames")  # a round's real frames, by use
@@ -120,9 +120,8 @@ def lap_seeds(cfg: Config, r: int) -> range:
 
 
 def lap_frames(cfg: Config, seeds: range) -> int:
-    """Real frames of those laps: rows times the frames each action was held."""
-    paths = [rollout_path(cfg.data_dir, s) for s in seeds]
-    return sum(len(load_arrays(p, ["actions"])["actions"]) * read_setting(p, "action_repeat") for p in paths)
+    """Real frames of those laps."""
+    return game_frames(rollout_path(cfg.data_dir, s) for s in seeds)
 
 
 def one_round(cfg: Config, r: int, folder: Path) -> dict:

@@ -48,8 +48,8 @@ shipped=${FROM:-checkpoints/pretrained} py=${PYTHON:-python}
 for f in vae.pt mdnrnn.pt controller.pt; do
     [ -f "$shipped/$f" ] || { echo "error: FROM=$shipped has no $f; give the folder of the V, M and C to start from" >&2; exit 2; }
 done
-m_size=$("$py" -c "import sys, torch; a = torch.load(sys.argv[1], weights_only=True)['model_args']
-print(a['hidden_size'], a['n_gaussians'])" "$shipped/mdnrnn.pt")
+m_size=$("$py" -c "import sys; from wm.checkpoint import load_checkpoint
+a = load_checkpoint(sys.argv[1], 'mdnrnn')['model_args']; print(a['hidden_size'], a['n_gaussians'])" "$shipped/mdnrnn.pt")
 mkdir -p "$out" "$data"
 out=$(cd "$out" && pwd) data=$(cd "$data" && pwd)
 laps_flags=(--policy controller --noise 0.1 --workers "$workers" --max-steps "$max_steps" --action-repeat 2)
@@ -64,9 +64,10 @@ link() {
 # held_out, or an evaluate.py JSON's mean)
 best() {
     "$py" - "$@" <<'EOF'
-import json, sys, torch
+import json, sys
+from wm.checkpoint import load_checkpoint
 def held_out(path):
-    return json.load(open(path))["mean"] if path.endswith(".json") else torch.load(path, weights_only=True)["held_out"]
+    return json.load(open(path))["mean"] if path.endswith(".json") else load_checkpoint(path, "controller")["held_out"]
 print(max(sys.argv[1:], key=held_out))
 EOF
 }
@@ -103,8 +104,8 @@ for seed in $(seq 1 "$seeds"); do
     link $shipped/vae.pt "$d" && link "$round/mdnrnn.pt" "$d"
     "$py" train_controller.py --mode dream --ckpt-dir "$d" --latent-dir "$data/search/latents" \
         --dream-ensemble "$out/m2/mdnrnn.pt" --dream-start "$dream_start" --dream-frames "$dream_frames" \
-        --pop-size "$pop" \
-        --rollouts-per-member "$per_member" --generations "$generations" --seed "$seed" "${held_out_flags[@]}"
+        --pop-size "$pop" --rollouts-per-member "$per_member" --generations "$generations" --seed "$seed" \
+        "${held_out_flags[@]}"
 done
 run=$(dirname "$(best "$out"/ensemble_s*/controller.pt)")
 echo "picked $run"
@@ -127,17 +128,15 @@ done
 "$py" - "$out" "$data" "$pick" "$first_track" "$grip_laps" <<'EOF'
 import csv, json, os, sys
 from pathlib import Path
-from wm.rollouts import load_arrays, read_setting, rollout_path
+from wm.rollouts import game_frames, rollout_path
 out, data, pick = map(Path, sys.argv[1:4])
 first, grip_laps = map(int, sys.argv[4:])
-def lap_frames(paths):
-    return sum(len(load_arrays(p, ["actions"])["actions"]) * read_setting(p, "action_repeat") for p in paths)
 def last_row(path):
     return list(csv.DictReader(open(path)))[-1]
 frames = {
-    "laps past the grip": lap_frames(rollout_path(data / "loop/rollouts", s) for s in range(first, first + 2 * grip_laps)),
+    "laps past the grip": game_frames(rollout_path(data / "loop/rollouts", s) for s in range(first, first + 2 * grip_laps)),
     "the loop (laps, held-out scores, truth, replays)": int(last_row(out / "loop/loop_metrics.csv")["real_frames"]),
-    "the picked round's laps": lap_frames(sorted((data / "search/rollouts").glob("rollout_*.npz"))),
+    "the picked round's laps": game_frames(sorted((data / "search/rollouts").glob("rollout_*.npz"))),
     "the ensemble's held-out scores": sum(int(float(last_row(f)["frames"]))
                                           for f in sorted(out.glob("ensemble_s*/controller_metrics.csv"))),
     "the scales' held-out scores": sum(json.loads(f.read_text())["steps"] for f in out.glob("scaled_x*/held_out.json")),

@@ -109,6 +109,12 @@ def read_setting(path: str | os.PathLike, key: str) -> int | str:
         raise BadRollout(f"{path}: unreadable rollout ({type(e).__name__}: {e})") from None
 
 
+def game_frames(paths) -> int:
+    """The real game frames of these rollouts: rows times the frames each
+    action was held."""
+    return sum(len(load_arrays(p, ["actions"])["actions"]) * read_setting(p, "action_repeat") for p in paths)
+
+
 def by_setting(files: list[Path], key: str) -> dict[int | str, list[Path]]:
     """{value: the readable rollouts of `files` collected with that `key`}."""
     found: dict = {}
