@@ -19,7 +19,9 @@
 #
 # frames.json in OUT counts the real frames of every step, the scores of
 # step 6 included. Every step resumes or is skipped when done, so rerunning
-# this after an interruption goes on where it stopped.
+# this after an interruption goes on where it stopped. The steps after a pick
+# are made from it once: a rerun with more ROUNDS or SEEDS whose pick differs
+# stops with an error instead of mixing the two picks' steps.
 #
 #   usage: bash experiments/dream_recipe.sh [OUT] [DATA] [FIRST_TRACK]
 #     OUT          where every C and M goes (default checkpoints/dream_recipe)
@@ -72,6 +74,21 @@ print(max(sys.argv[1:], key=held_out))
 EOF
 }
 
+# pin WHAT PICK [MORE...]: the steps after a pick are made from it once; the
+# first run records "PICK MORE..." in OUT/picked_WHAT, a rerun reads it back.
+# Prints MORE as first recorded; a rerun that picks otherwise stops here.
+pin() {
+    local file=$out/picked_$1 was rest
+    [ -f "$file" ] || echo "${*:2}" > "$file"
+    read -r was rest < "$file"
+    [ "$was" = "$2" ] || {
+        echo "error: the $1 picked is now $2, but the steps after it in $out were made from $was;" \
+            "give a new OUT and DATA to run them from $2" >&2
+        exit 2
+    }
+    echo "$rest"
+}
+
 # 1. laps past the grip
 for gas in 0.7 0.5; do
     [ -f "$out/gas_$gas/controller.pt" ] ||
@@ -89,6 +106,7 @@ done
     --eval-every "$eval_every" --eval-episodes "$held_out" --max-steps "$max_steps" --workers "$workers"
 track=$((track + first_laps + (rounds - 1) * laps))
 round=$(dirname "$(best "$out"/loop/round_*/controller.pt)")
+track=$(pin round "$(basename "$round")" "$track")  # the laps' tracks, as first run
 echo "picked $round"
 # 3. laps of that round's C, and the second M
 "$py" collect_rollouts.py --rollouts "$laps" --seed "$track" --ckpt-dir "$round" \
@@ -108,6 +126,7 @@ for seed in $(seq 1 "$seeds"); do
         "${held_out_flags[@]}"
 done
 run=$(dirname "$(best "$out"/ensemble_s*/controller.pt)")
+pin run "$(basename "$run")" > /dev/null
 echo "picked $run"
 # 5. C's scale
 for scale in 0.9 1.1; do

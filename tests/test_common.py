@@ -185,3 +185,21 @@ write_atomically({str(path)!r}, lambda tmp: (tmp.write_bytes(b"half"), time.slee
     write_rollout(path, a=np.zeros(3))  # np.savez needs the temporary name to end in .npz
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.npz", live.name, other.name])
     assert np.load(path)["a"].shape == (3,)
+
+
+def test_link_is_relative_keeps_what_is_there_and_replaces_a_dangling_link(tmp_path):
+    from wm.files import link
+
+    models, run = tmp_path / "models", tmp_path / "runs" / "a"
+    models.mkdir()
+    run.mkdir(parents=True)
+    (models / "vae.pt").write_text("v1")
+    link(models / "vae.pt", run)
+    assert os.readlink(run / "vae.pt") == "../../models/vae.pt" and (run / "vae.pt").read_text() == "v1"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "vae.pt").write_text("v2")
+    link(tmp_path / "elsewhere" / "vae.pt", run)  # a live link stays
+    assert (run / "vae.pt").read_text() == "v1"
+    (models / "vae.pt").rename(models / "moved.pt")  # now it dangles
+    link(tmp_path / "elsewhere" / "vae.pt", run)
+    assert os.readlink(run / "vae.pt") == "../../elsewhere/vae.pt" and (run / "vae.pt").read_text() == "v2"

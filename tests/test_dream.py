@@ -497,7 +497,8 @@ def test_the_dream_recipe_picks_on_the_held_out_tracks_and_counts_every_real_fra
     M and C: each pick (the loop's round, the ensemble's run, the scale) is the
     best held-out score of its candidates, the ensemble dreams in the picked
     round's M and the one fine-tuned from it, and frames.json adds up every
-    real frame, the pick's scores included. A rerun redoes nothing."""
+    real frame, the pick's scores included. A rerun redoes nothing, and one
+    whose pick differs stops before mixing the two picks' steps."""
     import json
     import os
     import subprocess
@@ -559,6 +560,16 @@ def test_the_dream_recipe_picks_on_the_held_out_tracks_and_counts_every_real_fra
     again = recipe()
     assert again.returncode == 0 and json.loads((out / "frames.json").read_text()) == result
     assert "already 2 rounds" in again.stdout
+    # Another run now scores best (as more SEEDS could make it): the scales and
+    # scores made from the first pick are not mixed with it.
+    from wm.checkpoint import save_checkpoint
+    other = next(run for run in runs if run != picked[1])
+    save_checkpoint(other / "controller.pt", {**load_checkpoint(other / "controller.pt", "controller"),
+                                              "held_out": held_out(picked[1]) + 1})
+    moved = recipe()
+    assert moved.returncode == 2 and moved.stderr.strip().splitlines()[-1:] == [
+        f"error: the run picked is now {other.name}, but the steps after it in {out.resolve()} were made from "
+        f"{picked[1].name}; give a new OUT and DATA to run them from {other.name}"]
     missing = recipe(FROM=str(tmp_path / "none"))
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         f"error: FROM={tmp_path / 'none'} has no vae.pt; give the folder of the V, M and C to start from"]

@@ -132,8 +132,12 @@ def alive(pid: int) -> bool:
 
 
 def link(target: str | os.PathLike, folder: Path) -> None:
-    """folder/<target's name> -> target, relative, so the folder can move with the tree."""
+    """folder/<target's name> -> target, relative, so the folder can move with
+    the tree; a file or live link already there is kept, a dangling one (its
+    target moved) replaced."""
     path = folder / Path(target).name
+    if path.is_symlink() and not path.exists():
+        path.unlink()
     if not path.exists():
         path.symlink_to(os.path.relpath(Path(target).resolve(), folder.resolve()))
 
