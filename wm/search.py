@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cma
 import numpy as np
@@ -119,9 +119,11 @@ class Search:
         write_atomically(path, lambda tmp: _save_npz_to(tmp, arrays))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, progress: bool = True) -> tuple["Search", dict]:
+    def load(cls, path: str | os.PathLike, progress: bool = True,
+             each: Callable[["Search"], None] | None = None) -> tuple["Search", dict]:
         """Replay a saved search -> (the search, the caller's info); BadState
-        if the file is unreadable or not such a state."""
+        if the file is unreadable or not such a state. `each` is called with
+        the search after each generation's tell, to read where it stood then."""
         try:
             with np.load(path, allow_pickle=False) as f:
                 files = {k: f[k] for k in f.files}
@@ -143,6 +145,8 @@ class Search:
                     search.stretches[-1]["meta"]["sigma_set"] = m["sigma_set"]
                     for values in s["told"]:
                         search.tell(search._ask(), values)
+                        if each is not None:
+                            each(search)
                         bar.update()
             return search, meta["info"]
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # a damaged or foreign state
