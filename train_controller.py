@@ -88,6 +88,7 @@ class Config:
     latent_dir: str = "data/latents"  # dream: episodes start from the first frames of these rollouts
     dream_start: int = 0  # dream: start at this agent step of those rollouts or later (every 10th), M's memory warmed up on the real steps before it (0: the first frame, memory at zero, as the paper)
     dream_ensemble: str = ""  # dream: more mdnrnn.pt files of M's size, trained with the same vae.pt, comma-separated: each rollout is dreamed in M and in each of them (C reading that M's h) and a member's fitness is the mean, so that exploiting one M's flaw pays less
+    dream_gas_cost: float = 0.0  # dream: taken from a member's fitness for each frame of full gas (0.5: 50 for a 200-frame dream at half gas); M dreams more speed than the game's grip allows
     dream_frames: int = 0  # dream: an episode's time limit in frames (0: --max-steps); with --dream-start, a dream that ends while M still tracks the game
     device: str = "auto"  # dream: where the dream runs, auto, cpu or cuda (workers use the CPU)
     bf16: bool = False  # dream: M's matrix products in bfloat16, 2-3x faster on CPUs with bf16 instructions, ~3 digits
@@ -98,7 +99,7 @@ class Config:
     RANGES = {"pop_size": AT_LEAST_2, "rollouts_per_member": AT_LEAST_1, "sigma0": POSITIVE,
               "reset_sigma": NON_NEGATIVE, "generations": AT_LEAST_1, "workers": AT_LEAST_1,
               "batch_size": AT_LEAST_1, "max_steps": AT_LEAST_1, "patience": NON_NEGATIVE,
-              "dream_start": NON_NEGATIVE, "dream_frames": NON_NEGATIVE,
+              "dream_start": NON_NEGATIVE, "dream_frames": NON_NEGATIVE, "dream_gas_cost": NON_NEGATIVE,
               "eval_every": AT_LEAST_1, "eval_episodes": AT_LEAST_1, "seed": NON_NEGATIVE,
               "temperature": POSITIVE}
 
@@ -329,7 +330,8 @@ def dream_ensemble(cfg: Config, dream, mdnrnn, controller: Controller) -> tuple:
         if not Path(path).is_file():
             raise fail(f"--dream-ensemble {path}: no such file; give mdnrnn.pt files trained with this vae.pt")
         other, world = make_dream(cfg.ckpt_dir, controller, cfg.latent_dir, cfg.temperature, episode_frames(cfg),
-                                  resolve_device(cfg.device), cfg.bf16, cfg.dream_start, mdnrnn_path=path)
+                                  resolve_device(cfg.device), cfg.bf16, cfg.dream_start, mdnrnn_path=path,
+                                  gas_cost=cfg.dream_gas_cost)
         size = (world.mdnrnn.cfg.hidden_size, world.mdnrnn.cfg.action_repeat)
         if size != (mdnrnn.cfg.hidden_size, mdnrnn.cfg.action_repeat):
             raise fail(f"--dream-ensemble {path} has hidden size {size[0]} and action repeat {size[1]}, "
@@ -358,7 +360,8 @@ def main(cfg: Config) -> dict:
     controller = Controller(ccfg)
     if cfg.mode == "dream":
         dream, world = make_dream(ckpt_dir, controller, cfg.latent_dir, cfg.temperature, episode_frames(cfg),
-                                  resolve_device(cfg.device), cfg.bf16, cfg.dream_start)
+                                  resolve_device(cfg.device), cfg.bf16, cfg.dream_start,
+                                  gas_cost=cfg.dream_gas_cost)
         mdnrnn = world.mdnrnn  # C may not read M itself, but it dreams in M
         dream, ensemble = dream_ensemble(cfg, dream, mdnrnn, controller)
     action_repeat = pick_action_repeat(cfg.action_repeat, mdnrnn)

@@ -258,12 +258,39 @@ def test_dream_start_and_frames_reach_the_dream(tmp_path, monkeypatch):
     ckpt, latents = dream_setup(tmp_path)
     made = []
     real = train_controller.make_dream
-    monkeypatch.setattr(train_controller, "make_dream", lambda *a: made.append(a) or real(*a))
-    train_controller.main(dream_config(ckpt, latents, dream_start=3, dream_frames=8, generations=1))
-    (_, _, _, _, max_frames, _, _, start_step), = made
-    assert (max_frames, start_step) == (8, 3)
+    monkeypatch.setattr(train_controller, "make_dream", lambda *a, **kw: made.append((a, kw)) or real(*a, **kw))
+    train_controller.main(dream_config(ckpt, latents, dream_start=3, dream_frames=8, dream_gas_cost=0.5,
+                                       generations=1))
+    ((_, _, _, _, max_frames, _, _, start_step), kw), = made
+    assert (max_frames, start_step, kw["gas_cost"]) == (8, 3, 0.5)
     c = load_checkpoint(ckpt / "controller.pt", "controller")
-    assert c["config"]["dream_start"] == 3 and np.isfinite(c["held_out"])
+    assert c["config"]["dream_start"] == 3 and c["config"]["dream_gas_cost"] == 0.5 and np.isfinite(c["held_out"])
+
+
+@torch.no_grad()
+def test_the_gas_cost_is_charged_per_frame_of_gas_and_only_in_the_fitness():
+    m = tiny_m(action_repeat=2)
+    c = Controller(ControllerConfig(latent_size=Z, hidden_size=H))
+    starts = torch.randn(4, Z, generator=torch.Generator().manual_seed(1))
+    params = np.random.default_rng(0).normal(0, 0.5, (5, c.n_params))
+    seeds = [3, 4, 5]
+    free, priced = (Dream(m, c, starts, max_steps=30, gas_cost=cost) for cost in (0.0, 0.7))
+    run = free.run(params, seeds, record=True)
+    assert run.lengths.min() < run.lengths.max()  # some dreams end early: their gas after the end is not charged
+    # C's gas summed over the steps that counted, each held M's 2 frames, from the recorded actions.
+    counted = torch.arange(len(run.actions))[:, None, None] < run.lengths[None]
+    torch.testing.assert_close(run.gas, 2 * (run.actions[..., 1] * counted).sum(0))
+    assert torch.equal(priced.run(params, seeds).returns, run.returns)  # the dreamed return is M's alone
+    (fitness_free, frames), (fitness_priced, frames_priced) = free(list(params), seeds), priced(list(params), seeds)
+    np.testing.assert_allclose(fitness_free - fitness_priced, 0.7 * run.gas.mean(1).numpy(), rtol=1e-5)
+    assert frames == frames_priced
+    # Members that press no gas pay nothing.
+    no_gas = params.copy()
+    c.set_flat(no_gas[0])
+    c.net.weight[1] = 0.0
+    c.net.bias[1] = -50.0  # (tanh + 1) / 2 = 0
+    no_gas[0] = c.get_flat()
+    assert priced(list(no_gas), seeds)[0][0] == pytest.approx(free(list(no_gas), seeds)[0][0])
 
 
 def test_bench_dream_rates_are_dreamed_steps_over_each_variant_s_seconds(monkeypatch):

@@ -92,3 +92,25 @@ def test_a_state_file_never_runs_code_and_a_foreign_one_is_one_line(tmp_path):
         np.savez(f, **arrays)
     with pytest.raises(UsageError, match="not a whole CMA-ES state.*pass --restart"):
         train_controller.main(Config(ckpt_dir=str(tmp_path), pop_size=4))
+
+
+def test_each_sees_every_replayed_generation_and_its_errors_are_its_own(tmp_path):
+    asked, search = drive(Search.start(np.zeros(10), 0.3, 8, seed=1), range(9))
+    search.save(tmp_path / "es.npz", {"generation": 9})
+    seen = []
+
+    def each(s):
+        seen.append((s.generation, s.es.mean.copy()))
+
+    Search.load(tmp_path / "es.npz", progress=False, each=each)
+    assert [g for g, _ in seen] == list(range(1, 10))  # across the new population of generation 8
+    np.testing.assert_array_equal(seen[-1][1], search.es.mean)
+    # Where the search stood after generation 3: the same as a search told 3 generations.
+    _, three = drive(Search.start(np.zeros(10), 0.3, 8, seed=1), range(3))
+    np.testing.assert_array_equal(seen[2][1], three.es.mean)
+
+    def broken(s):
+        raise KeyError("the caller's own bug")
+
+    with pytest.raises(KeyError, match="the caller's own bug"):  # not reported as a damaged state
+        Search.load(tmp_path / "es.npz", progress=False, each=broken)

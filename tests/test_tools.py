@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -244,3 +245,83 @@ def test_a_fixed_gas_is_constant_and_the_dream_picks_it(tmp_path):
                                               str(latents), "--gases", "0,2"))
     assert "latent" in error_line(run_script("-m", "tools.dream_gas", "--ckpt-dir", str(ckpt), "--latent-dir",
                                              str(tmp_path / "none")))
+
+
+def test_dream_rank_replays_each_run_to_its_held_out_generations_and_dreams_them(tmp_path):
+    """Two tiny dream-mode runs, each scored on the held-out tracks at
+    generations 2 and 4: the tool finds those 4 CMA-ES means, among them each
+    run's controller.pt, dreams them in M and in another M, and writes each
+    as a playable folder; a C's dreamed return is what it dreams alone."""
+    import csv
+    import shutil
+
+    from test_dream import dream_config, dream_setup, write_other_m
+
+    import train_controller
+    from models.controller import Controller
+    from wm.checkpoint import load_checkpoint
+    from wm.dream import make_dream
+
+    ckpt, latents = dream_setup(tmp_path)
+    runs = [tmp_path / "run_1", tmp_path / "run_2"]
+    for seed, run in enumerate(runs, 1):
+        run.mkdir()
+        for f in ("vae.pt", "mdnrnn.pt"):
+            shutil.copy(ckpt / f, run / f)
+        train_controller.main(dream_config(run, latents, generations=4, eval_every=2, seed=seed))
+    # The tiny game scores every C alike: held-out scores that differ, written in, give the ranks to correlate.
+    written_in = ({2: 100.0, 4: 300.0}, {2: 400.0, 4: 200.0})
+    for run, scores in zip(runs, written_in):
+        path = run / "controller_metrics.csv"
+        rows = list(csv.DictReader(open(path)))
+        for row in rows:
+            row["held_out"] = scores.get(int(row["generation"]), row["held_out"])
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, rows[0].keys())
+            w.writeheader()
+            w.writerows(rows)
+    other = write_other_m(tmp_path / "other.pt", ckpt, seed=5)
+    out, written = tmp_path / "rank.json", tmp_path / "cs"
+    r = run_script("-m", "tools.dream_rank", "--runs", str(tmp_path / "run_*"), "--ensemble", str(other),
+                   "--latent-dir", str(latents), "--variants", "0:30:1,3:8:1.5", "--dreams", "6",
+                   "--json", str(out), "--write-dir", str(written))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    cands = result["controllers"]
+    assert [(c["run"], c["generation"]) for c in cands] == [(str(run), g) for run in runs for g in (2, 4)]
+    for c in cands:
+        rows = {int(row["generation"]): row for row in csv.DictReader(open(Path(c["run"]) / "controller_metrics.csv"))}
+        assert c["held_out"] == pytest.approx(float(rows[c["generation"]]["held_out"]))
+        assert c["population_dreamed"] == pytest.approx(float(rows[c["generation"]]["mean"]))
+        for variant in ("0:30:1", "3:8:1.5"):
+            assert c[f"{variant} mean"] == pytest.approx((c[f"{variant} mdnrnn.pt"] + c[f"{variant} {other}"]) / 2,
+                                                         abs=0.02)
+            assert 0 <= c[f"{variant} mdnrnn.pt gas"] <= 1
+    names = ["population_dreamed"] + [f"{v} {m}{g}" for v in ("0:30:1", "3:8:1.5")
+                                      for m in ("mdnrnn.pt", other, "mean") for g in ("", " gas")]
+    assert sorted(result["rho"]) == sorted(names)
+    ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731  (no ties here)
+    for name, rho in result["rho"].items():
+        values = [c[name] for c in cands]
+        assert rho == pytest.approx(np.corrcoef(ranks([c["held_out"] for c in cands]), ranks(values))[0, 1])
+    # Each run's controller.pt is its best scored mean, written again with its links.
+    for run, scores in zip(runs, written_in):
+        best = load_checkpoint(run / "controller.pt", "controller")
+        folder = written / f"{run.name}_g{best['generation']}"
+        mine = load_checkpoint(folder / "controller.pt", "controller")
+        np.testing.assert_allclose(Controller.from_checkpoint(mine).get_flat(),
+                                   Controller.from_checkpoint(best).get_flat(), atol=1e-6)
+        assert mine["held_out"] == scores[best["generation"]] and (folder / "mdnrnn.pt").is_symlink()
+    # A C's dreamed return, dreamed alone on the same seeds.
+    c = cands[1]
+    controller = Controller.from_checkpoint(load_checkpoint(written / "run_1_g4" / "controller.pt", "controller"))
+    dream, _ = make_dream(ckpt, controller, latents, 1.0, 30)
+    alone = dream.run(controller.get_flat()[None], list(range(7000, 7006)))
+    assert float(alone.returns.mean()) == pytest.approx(c["0:30:1 mdnrnn.pt"], abs=0.01)
+    gas = float(alone.gas.sum() / (alone.lengths.sum() * dream.action_repeat))
+    assert gas == pytest.approx(c["0:30:1 mdnrnn.pt gas"], abs=1e-3)
+    # Bad input is one line.
+    assert "no controller_es.npz" in error_line(run_script("-m", "tools.dream_rank", "--runs", str(tmp_path / "none"),
+                                                           "--latent-dir", str(latents)))
+    assert "start:frames:temperature" in error_line(run_script(
+        "-m", "tools.dream_rank", "--runs", str(runs[0]), "--latent-dir", str(latents), "--variants", "20:x"))

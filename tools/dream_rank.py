@@ -16,6 +16,11 @@ in --latent-dir, M's memory at zero; else that agent step or later (every
 10th), memory warmed up on the real steps before (train_controller.py
 --dream-start). frames: the dream's time limit (--dream-frames).
 
+Beside each variant's rho it prints the rho of C's gas there (its mean
+over the frames that counted): a negative one says that the Cs that press
+more gas in the dream drive worse in the game, which is what
+train_controller.py --dream-gas-cost charges for.
+
 usage: python -m tools.dream_rank --runs 'checkpoints/grip_s*' --latent-dir data/grip_search/latents --json rank.json
 """
 
@@ -32,10 +37,12 @@ import torch
 
 from models.controller import Controller
 from tools.dream_truth import spearman
-from wm.checkpoint import load_checkpoint, save_checkpoint
+from tools.scale_controller import save_derived
+from wm.checkpoint import load_checkpoint
 from wm.cli import AT_LEAST_1, NON_NEGATIVE, fail, run_main
-from wm.dream import make_dream
-from wm.files import link, write_atomically
+from wm.dream import Dream, check_dream_heads, load_start_states
+from wm.files import write_atomically
+from wm.latents import load_world_model
 from wm.search import BadState, Search
 
 
@@ -105,27 +112,21 @@ def candidates(run: Path) -> list[dict]:
     if set(means) != set(scored):
         raise fail(f"{run}: controller_metrics.csv has held-out scores at generations "
                    f"{sorted(set(scored) - set(means))} that controller_es.npz never reached")
-    best = Controller.from_checkpoint(load_checkpoint(run / "controller.pt", "controller")).get_flat()
+    ckpt = load_checkpoint(run / "controller.pt", "controller")
+    best = Controller.from_checkpoint(ckpt).get_flat()
     if not any(np.allclose(best, m, atol=1e-5) for m in means.values()):
         raise fail(f"{run}: controller.pt is none of the search's scored means; "
                    f"is it the run that wrote controller_es.npz?")
     return [{"run": str(run), "generation": g, "held_out": scored[g][0], "population_dreamed": scored[g][1],
-             "params": means[g]} for g in sorted(scored)]
+             "params": means[g], "ckpt": ckpt} for g in sorted(scored)]
 
 
 def write_controllers(cands: list[dict], out: Path) -> None:
     for c in cands:
-        run = Path(c["run"])
-        ckpt = load_checkpoint(run / "controller.pt", "controller")
-        controller = Controller.from_checkpoint(ckpt)
+        controller = Controller.from_checkpoint(c["ckpt"])
         controller.set_flat(c["params"])
-        folder = out / f"{run.name}_g{c['generation']}"
-        folder.mkdir(parents=True, exist_ok=True)
-        kept = {k: v for k, v in ckpt.items() if k not in ("held_out", "held_out_std")}
-        save_checkpoint(folder / "controller.pt", {**kept, "model": controller.state_dict(),
-                                                   "held_out": c["held_out"], "generation": c["generation"]})
-        for model in ("vae.pt", "mdnrnn.pt"):
-            link(run / model, folder)
+        save_derived(c["ckpt"], controller, c["run"], out / f"{Path(c['run']).name}_g{c['generation']}",
+                     held_out=c["held_out"], generation=c["generation"])
     print(f"wrote {len(cands)} controllers under {out}")
 
 
@@ -134,7 +135,7 @@ def main(cfg: Config) -> dict:
     runs = run_dirs(cfg.runs)
     cands = [c for run in runs for c in candidates(run)]
     ckpt_dir = Path(cfg.ckpt_dir or runs[0])
-    controller = Controller.from_checkpoint(load_checkpoint(runs[0] / "controller.pt", "controller"))
+    controller = Controller.from_checkpoint(cands[0]["ckpt"])
     params = np.stack([c["params"] for c in cands])
     ms = ["mdnrnn.pt", *(p.strip() for p in cfg.ensemble.split(",") if p.strip())]
     seeds = list(range(cfg.seed, cfg.seed + cfg.dreams))
@@ -142,27 +143,33 @@ def main(cfg: Config) -> dict:
     rhos = {"population_dreamed": spearman(held, [c["population_dreamed"] for c in cands])}
     print(f"{len(cands)} Cs from {len(runs)} runs, held-out {min(held):.1f} to {max(held):.1f}")
     print(f"  the search's own (its population's mean dreamed return): rho {rhos['population_dreamed']:+.2f}")
-    for start, frames, tau in variants:
-        per_m = []
-        for m in ms:
-            dream, _ = make_dream(ckpt_dir, controller, cfg.latent_dir, tau, frames, start_step=start,
-                                  mdnrnn_path="" if m == "mdnrnn.pt" else m)
-            per_m.append(dream.run(params, seeds).returns.mean(1).cpu().numpy())
-        names = ms + (["mean"] if len(ms) > 1 else [])
-        values = per_m + ([np.mean(per_m, axis=0)] if len(ms) > 1 else [])
-        for name, v in zip(names, values):
-            key = f"{start}:{frames}:{tau:g} {name}"
-            rhos[key] = spearman(held, list(v))
-            for c, x in zip(cands, v):
-                c[key] = round(float(x), 2)
+    results = {}  # (variant, M) -> (dreamed return, gas per frame) of each C
+    for m in ms:  # each M's world once, each start step's warmed-up states once
+        world = load_world_model(ckpt_dir, mdnrnn_name=str(Path(m).resolve()) if m != "mdnrnn.pt" else m)
+        check_dream_heads(world.mdnrnn, m)
+        starts = {s: load_start_states(cfg.latent_dir, world.vae_fingerprint, world.mdnrnn, s)
+                  for s in sorted({v[0] for v in variants})}
+        for start, frames, tau in variants:
+            r = Dream(world.mdnrnn, controller, starts[start], tau, frames).run(params, seeds)
+            gas = r.gas.sum(1) / (r.lengths.sum(1) * world.mdnrnn.cfg.action_repeat)
+            results[(start, frames, tau), m] = (r.returns.mean(1).numpy(), gas.numpy())
+    for variant in variants:
+        per_m = [results[variant, m] for m in ms]
+        if len(ms) > 1:
+            per_m.append(tuple(np.mean(x, axis=0) for x in zip(*per_m)))
+        for name, (v, gas) in zip(ms + ["mean"], per_m):
+            key = f"{variant[0]}:{variant[1]}:{variant[2]:g} {name}"
+            rhos[key], rhos[f"{key} gas"] = spearman(held, list(v)), spearman(held, list(gas))
+            for c, x, g in zip(cands, v, gas):
+                c[key], c[f"{key} gas"] = float(x), float(g)
             top = np.argsort(-v)[:3]
-            print(f"  {key}: rho {rhos[key]:+.2f}; its top 3 held-out "
-                  f"{', '.join(f'{held[i]:.1f}' for i in top)}")
+            print(f"  {key}: rho {rhos[key]:+.2f}, its gas {rhos[f'{key} gas']:+.2f}; "
+                  f"its top 3 held-out {', '.join(f'{held[i]:.1f}' for i in top)}")
     if cfg.write_dir:
         write_controllers(cands, Path(cfg.write_dir))
     if cfg.json:
         out = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "rho": rhos,
-               "controllers": [{k: v for k, v in c.items() if k != "params"} for c in cands]}
+               "controllers": [{k: v for k, v in c.items() if k not in ("params", "ckpt")} for c in cands]}
         write_atomically(cfg.json, lambda tmp: tmp.write_text(json.dumps(out, indent=1)))
         print(f"wrote {cfg.json}")
     return rhos

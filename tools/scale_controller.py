@@ -49,6 +49,20 @@ def fix_gas(controller: Controller, gas: float) -> None:
     last.bias[1] = float(np.arctanh(2 * gas - 1))
 
 
+def save_derived(ckpt: dict, controller: Controller, source_dir: str | Path, out_dir: str | Path, **fields) -> Path:
+    """OUT_DIR/controller.pt: `ckpt`'s record with `controller`'s weights and
+    `fields`, without the held-out score and the fixed gas of the C it came
+    from (this one has not been scored), and links to SOURCE_DIR's vae.pt and
+    mdnrnn.pt where it has them, so that evaluate.py plays it at once."""
+    target = Path(out_dir) / "controller.pt"
+    kept = {k: v for k, v in ckpt.items() if k not in ("held_out", "held_out_std", "gas")}
+    save_checkpoint(target, {**kept, "model": controller.state_dict(), **fields})
+    for model in ("vae.pt", "mdnrnn.pt"):
+        if (Path(source_dir) / model).exists():
+            link(Path(source_dir) / model, Path(out_dir))
+    return target
+
+
 def main(cfg: Config) -> Path:
     source = Path(cfg.ckpt_dir) / "controller.pt"
     if not cfg.out_dir:
@@ -64,13 +78,9 @@ def main(cfg: Config) -> Path:
     gas = cfg.gas or ckpt.get("gas", 0.0)  # a fixed gas stays fixed when its C is scaled again
     if gas:
         fix_gas(controller, gas)
-    kept = {k: v for k, v in ckpt.items() if k not in ("held_out", "held_out_std", "gas")}
     # A scaled C scaled again records its scale from the C that CMA-ES wrote.
-    save_checkpoint(target, {**kept, "model": controller.state_dict(), "scale": cfg.scale * ckpt.get("scale", 1.0),
-                             "scaled_from": ckpt.get("scaled_from", str(source)), **({"gas": gas} if gas else {})})
-    for model in ("vae.pt", "mdnrnn.pt"):
-        if (Path(cfg.ckpt_dir) / model).exists():
-            link(Path(cfg.ckpt_dir) / model, Path(cfg.out_dir))
+    save_derived(ckpt, controller, cfg.ckpt_dir, cfg.out_dir, scale=cfg.scale * ckpt.get("scale", 1.0),
+                 scaled_from=ckpt.get("scaled_from", str(source)), **({"gas": gas} if gas else {}))
     fixed = f", gas fixed at {gas:g}" if gas else ""
     print(f"wrote {target}: {source} ({describe_controller(ckpt)}) times {cfg.scale:g}{fixed}")
     return target

@@ -50,6 +50,7 @@ class DreamResult(NamedTuple):
     lengths: torch.Tensor  # (P, R) steps that counted
     zs: torch.Tensor | None  # (T + 1, P, R, Z) the dreamed z's from the start, when recorded
     actions: torch.Tensor | None = None  # (T, P, R, 3) C's action at each dream step, when recorded
+    gas: torch.Tensor | None = None  # (P, R) C's gas summed over the frames that counted (k per dream step)
 
 
 def check_dream_heads(mdnrnn: MDNRNN, path: str | os.PathLike = "mdnrnn.pt") -> None:
@@ -185,7 +186,8 @@ def replay_in_game(env, seed: int, before, actions, k: int, view: str) -> Replay
 
 def make_dream(ckpt_dir: str | os.PathLike, controller: Controller, latent_dir: str | os.PathLike,
                temperature: float = 1.0, max_steps: int = 1000, device: torch.device | str = "cpu",
-               bf16: bool = False, start_step: int = 0, mdnrnn_path: str | os.PathLike = "") -> tuple["Dream", WorldModel]:
+               bf16: bool = False, start_step: int = 0, mdnrnn_path: str | os.PathLike = "",
+               gas_cost: float = 0.0) -> tuple["Dream", WorldModel]:
     """The dream of the V and M in `ckpt_dir` (or of the M at `mdnrnn_path`,
     trained with that V), starting from the latents in `latent_dir` (at
     `start_step`, see load_start_states), for controllers shaped like
@@ -194,7 +196,7 @@ def make_dream(ckpt_dir: str | os.PathLike, controller: Controller, latent_dir: 
     world = load_world_model(ckpt_dir, device, mdnrnn_name=m_name)
     check_dream_heads(world.mdnrnn, Path(ckpt_dir) / m_name)
     starts = load_start_states(latent_dir, world.vae_fingerprint, world.mdnrnn, start_step)
-    return Dream(world.mdnrnn, controller, starts, temperature, max_steps, device, bf16), world
+    return Dream(world.mdnrnn, controller, starts, temperature, max_steps, device, bf16, gas_cost), world
 
 
 def noise_seed(seeds: list[int]) -> int:
@@ -210,12 +212,16 @@ class Dream:
     first frames (M's memory at zero); `max_steps` is in frames. `bf16`
     runs the matrix products in bfloat16 (autocast; M's memory stays float32):
     about 3x faster on a CPU with bf16 instructions, at about 3 significant
-    digits in M's outputs.
+    digits in M's outputs. `gas_cost` is taken from a member's fitness (not
+    from its dreamed return) for each frame of full gas: M dreams more speed
+    than the game's grip allows, and C learns to press the gas it dreams
+    (python -m tools.dream_rank shows the dreamed gas of a run's Cs against
+    their held-out scores).
     """
 
     def __init__(self, mdnrnn: MDNRNN, controller: Controller, starts: StartStates | torch.Tensor,
                  temperature: float = 1.0, max_steps: int = 1000,
-                 device: torch.device | str = "cpu", bf16: bool = False):
+                 device: torch.device | str = "cpu", bf16: bool = False, gas_cost: float = 0.0):
         if not temperature > 0:
             raise ValueError(f"the dream's temperature must be positive, got {temperature}")
         check_dream_heads(mdnrnn)
@@ -229,6 +235,7 @@ class Dream:
         self.max_frames = max_steps
         self.max_dream_steps = -(-max_steps // self.action_repeat)  # the last one may be cut short
         self.bf16 = bf16
+        self.gas_cost = gas_cost
 
     def start_indices(self, seeds: list[int]) -> list[int]:
         """Rollout r starts from the start state its seed picks."""
@@ -264,6 +271,7 @@ class Dream:
         g = torch.Generator(device=dev).manual_seed(noise_seed(seeds))
         returns = torch.zeros(P, R, device=dev)
         lengths = torch.zeros(P, R, dtype=torch.long, device=dev)
+        gas = torch.zeros(P, R, device=dev)
         alive = torch.ones(P, R, dtype=torch.bool, device=dev)
         zs, actions = ([z], []) if record else (None, None)
         for _ in range(self.max_dream_steps):
@@ -277,6 +285,7 @@ class Dream:
             eps = torch.randn(R, Z, generator=g, device=dev)
             u_done = torch.rand(R, generator=g, device=dev)
             returns += torch.where(alive, out.reward, 0.0)
+            gas += torch.where(alive, a[..., 1].float(), 0.0)
             lengths += alive
             alive &= u_done >= torch.sigmoid(out.done_logit)
             z = m.sample_next_z(out, self.temperature, noise=(u, eps)).float()  # (P, R, Z)
@@ -284,17 +293,20 @@ class Dream:
                 zs.append(z)
             if not alive.any():
                 break
+        gas *= self.action_repeat
         if not record:
-            return DreamResult(returns, lengths, None)
-        return DreamResult(returns, lengths, torch.stack(zs), torch.stack(actions))
+            return DreamResult(returns, lengths, None, gas=gas)
+        return DreamResult(returns, lengths, torch.stack(zs), torch.stack(actions), gas)
 
     def __call__(self, solutions: list[np.ndarray], seeds: list[int]) -> tuple[np.ndarray, int]:
         """The fitness interface of train_controller.py: -> (mean dreamed
-        reward per member (P,), frames dreamed that counted: k per dream step,
-        as the real game counts its frames)."""
+        reward per member (P,), less `gas_cost` per frame of full gas; frames
+        dreamed that counted: k per dream step, as the real game counts its
+        frames)."""
         result = self.run(np.stack(solutions), seeds)
         frames = (result.lengths * self.action_repeat).clamp(max=self.max_frames)
-        return result.returns.mean(1).cpu().numpy().astype(np.float64), int(frames.sum())
+        fitness = result.returns.mean(1) - self.gas_cost * result.gas.mean(1)
+        return fitness.cpu().numpy().astype(np.float64), int(frames.sum())
 
 
 class DreamEnsemble:

@@ -137,20 +137,30 @@ class Search:
             raise BadState(f"{path} is not a CMA-ES state of this repository")
         search = cls()
         total = sum(len(s["told"]) for s in stretches)
-        try:
-            with tqdm(total=total, desc="replaying CMA-ES", unit="gen", leave=False, disable=not progress) as bar:
-                for s in stretches:
-                    m, a = s["meta"], s["arrays"]
-                    search._begin(a["x0"], m["sigma0"], m["popsize"], m["seed"], rng=(a["rng_keys"], m["rng"]))
-                    search.stretches[-1]["meta"]["sigma_set"] = m["sigma_set"]
-                    for values in s["told"]:
-                        search.tell(search._ask(), values)
-                        if each is not None:
-                            each(search)
-                        bar.update()
-            return search, meta["info"]
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # a damaged or foreign state
-            raise BadState(f"{path} is not a whole CMA-ES state ({type(e).__name__}: {e})") from None
+        if "info" not in meta:
+            raise BadState(f"{path} is not a whole CMA-ES state (no info)")
+        replay = search._replay(stretches)
+        with tqdm(total=total, desc="replaying CMA-ES", unit="gen", leave=False, disable=not progress) as bar:
+            while True:
+                try:
+                    if next(replay, None) is None:
+                        break
+                except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # a damaged or foreign state
+                    raise BadState(f"{path} is not a whole CMA-ES state ({type(e).__name__}: {e})") from None
+                if each is not None:  # outside the try: a caller's error is its own, not the state's
+                    each(search)
+                bar.update()
+        return search, meta["info"]
+
+    def _replay(self, stretches: list[dict]):
+        """Tell each saved generation again, yielding after each tell."""
+        for s in stretches:
+            m, a = s["meta"], s["arrays"]
+            self._begin(a["x0"], m["sigma0"], m["popsize"], m["seed"], rng=(a["rng_keys"], m["rng"]))
+            self.stretches[-1]["meta"]["sigma_set"] = m["sigma_set"]
+            for values in s["told"]:
+                self.tell(self._ask(), values)
+                yield True
 
 
 def _save_npz_to(tmp: Path, arrays: dict) -> None:
