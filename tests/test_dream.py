@@ -587,6 +587,35 @@ def test_the_dream_recipe_picks_on_the_held_out_tracks_and_counts_every_real_fra
     again = recipe()
     assert again.returncode == 0 and json.loads((out / "frames.json").read_text()) == result
     assert "already 2 rounds" in again.stdout
+
+    # experiments/dream_gas_cost.sh: the recipe searched again, the gas priced, in its two Ms.
+    def gas_cost(folder=out, **more):
+        return subprocess.run(["bash", "experiments/dream_gas_cost.sh", str(folder), str(data)], cwd=ROOT,
+                              env={**env, "COSTS": "0.5 2", "SEEDS": "1", **more}, capture_output=True, text=True,
+                              timeout=900)
+
+    g = gas_cost()
+    assert g.returncode == 0, g.stderr[-3000:]
+    priced = [out / "gas_cost_0.5" / "s1", out / "gas_cost_2" / "s1"]
+    for run, cost in zip(priced, (0.5, 2)):
+        c = load_checkpoint(run / "controller.pt", "controller")
+        assert c["config"]["dream_gas_cost"] == cost and c["config"]["mode"] == "dream"
+        assert Path(c["config"]["dream_ensemble"]).resolve() == (out / "m2" / "mdnrnn.pt").resolve()
+        assert (run / "mdnrnn.pt").resolve() == (picked[0] / "mdnrnn.pt").resolve()
+    picked_g = [Path(line.split()[1]) for line in g.stdout.splitlines() if line.startswith("picked ")]
+    assert picked_g[0] == max(priced, key=held_out)
+    assert picked_g[1] == max([picked_g[0], out / "gas_cost_x0.9", out / "gas_cost_x1.1"], key=held_out)
+    counted = json.loads((out / "gas_cost_frames.json").read_text())
+    assert (ROOT / counted["pick"]).resolve() == picked_g[1].resolve()
+    frames_g = counted["real_frames"]
+    assert frames_g["the recipe's (its frames.json)"] == frames["total"]
+    assert frames_g["the gas-priced runs' held-out scores"] == 2 * 30
+    assert frames_g["the scales' held-out scores"] == 2 * 30 and frames_g["the pick's scores"] == 2 * 30
+    assert frames_g["total"] == sum(v for k, v in frames_g.items() if k != "total")
+    assert gas_cost().returncode == 0 and json.loads((out / "gas_cost_frames.json").read_text()) == counted
+    nowhere = gas_cost(tmp_path / "none")
+    assert nowhere.returncode == 2 and nowhere.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'none'} has no picked_round; give the folder of a finished experiments/dream_recipe.sh run"]
     # Another run now scores best (as more SEEDS could make it): the scales and
     # scores made from the first pick are not mixed with it.
     from wm.checkpoint import save_checkpoint
