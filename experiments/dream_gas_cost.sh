@@ -39,7 +39,7 @@ for f in picked_round m2/mdnrnn.pt frames.json; do
 done
 [ -d "$data/search/latents" ] || { echo "error: $data has no search/latents; give the DATA of the recipe run in $out" >&2; exit 2; }
 out=$(cd "$out" && pwd) data=$(cd "$data" && pwd)
-source experiments/recipe_lib.sh  # link, best, pin
+source experiments/recipe_lib.sh  # link, best, pin, scale_and_score
 read -r round _ < "$out/picked_round"
 round=$out/loop/$round
 # 1. CMA-ES in the ensemble, the gas priced
@@ -57,21 +57,8 @@ done
 run=$(dirname "$(best "$out"/gas_cost_*/s*/controller.pt)")
 pin gas_cost_run "${run#"$out"/}" > /dev/null
 echo "picked $run"
-# 2. C's scale
-for scale in 0.9 1.1; do
-    d=$out/gas_cost_x$scale
-    [ -f "$d/controller.pt" ] || "$py" -m tools.scale_controller --ckpt-dir "$run" --scale $scale --out-dir "$d"
-    [ -f "$d/held_out.json" ] || "$py" evaluate.py --ckpt-dir "$d" --episodes "$held_out" --seed 100000 \
-        --workers "$workers" --max-steps "$max_steps" --json "$d/held_out.json"
-done
-pick=$(dirname "$(best "$run/controller.pt" "$out"/gas_cost_x0.9/held_out.json "$out"/gas_cost_x1.1/held_out.json)")
-echo "picked $pick"
-# 3. the scores
-for seed in 0 400; do
-    json=$pick/scores$([ $seed = 0 ] || echo _unseen).json
-    [ -f "$json" ] || "$py" evaluate.py --ckpt-dir "$pick" --episodes "$episodes" --seed $seed \
-        --workers "$workers" --max-steps "$max_steps" --json "$json"
-done
+# 2. C's scale, and 3. the scores
+scale_and_score "$run" gas_cost_x
 "$py" - "$out" "$pick" <<'EOF'
 import csv, json, os, sys
 from pathlib import Path

@@ -57,7 +57,7 @@ out=$(cd "$out" && pwd) data=$(cd "$data" && pwd)
 laps_flags=(--policy controller --noise 0.1 --workers "$workers" --max-steps "$max_steps" --action-repeat 2)
 held_out_flags=(--eval-every "$eval_every" --eval-episodes "$held_out" --workers "$workers" --max-steps "$max_steps")
 
-source experiments/recipe_lib.sh  # link, best, pin
+source experiments/recipe_lib.sh  # link, best, pin, scale_and_score
 
 # 1. laps past the grip
 for gas in 0.7 0.5; do
@@ -98,22 +98,8 @@ done
 run=$(dirname "$(best "$out"/ensemble_s*/controller.pt)")
 pin run "$(basename "$run")" > /dev/null
 echo "picked $run"
-# 5. C's scale
-for scale in 0.9 1.1; do
-    d=$out/scaled_x$scale
-    [ -f "$d/controller.pt" ] || "$py" -m tools.scale_controller --ckpt-dir "$run" --scale $scale --out-dir "$d"
-    [ -f "$d/held_out.json" ] || "$py" evaluate.py --ckpt-dir "$d" --episodes "$held_out" --seed 100000 \
-        --workers "$workers" --max-steps "$max_steps" --json "$d/held_out.json"
-done
-pick=$(best "$run/controller.pt" "$out"/scaled_x0.9/held_out.json "$out"/scaled_x1.1/held_out.json)
-pick=$(dirname "$pick")
-echo "picked $pick"
-# 6. the scores
-for seed in 0 400; do
-    json=$pick/scores$([ $seed = 0 ] || echo _unseen).json
-    [ -f "$json" ] || "$py" evaluate.py --ckpt-dir "$pick" --episodes "$episodes" --seed $seed \
-        --workers "$workers" --max-steps "$max_steps" --json "$json"
-done
+# 5. C's scale, and 6. the scores
+scale_and_score "$run" scaled_x
 "$py" - "$out" "$data" "$pick" "$first_track" "$grip_laps" <<'EOF'
 import csv, json, os, sys
 from pathlib import Path

@@ -33,3 +33,25 @@ pin() {
     }
     echo "$rest"
 }
+
+# scale_and_score RUN PREFIX: RUN's C times 0.9 and 1.1 (in OUT/PREFIX0.9 and
+# OUT/PREFIX1.1), each scored on the held-out tracks; the best of the three,
+# C itself among them, is $pick, scored over $episodes episodes on tracks
+# 0-99 and 400-499 (scores.json, scores_unseen.json there). Reads $held_out,
+# $workers and $max_steps too.
+scale_and_score() {
+    local run=$1 prefix=$2 scale d seed json
+    for scale in 0.9 1.1; do
+        d=$out/$prefix$scale
+        [ -f "$d/controller.pt" ] || "$py" -m tools.scale_controller --ckpt-dir "$run" --scale $scale --out-dir "$d"
+        [ -f "$d/held_out.json" ] || "$py" evaluate.py --ckpt-dir "$d" --episodes "$held_out" --seed 100000 \
+            --workers "$workers" --max-steps "$max_steps" --json "$d/held_out.json"
+    done
+    pick=$(dirname "$(best "$run/controller.pt" "$out/${prefix}0.9/held_out.json" "$out/${prefix}1.1/held_out.json")")
+    echo "picked $pick"
+    for seed in 0 400; do
+        json=$pick/scores$([ $seed = 0 ] || echo _unseen).json
+        [ -f "$json" ] || "$py" evaluate.py --ckpt-dir "$pick" --episodes "$episodes" --seed $seed \
+            --workers "$workers" --max-steps "$max_steps" --json "$json"
+    done
+}
