@@ -40,9 +40,8 @@ from tools.dream_truth import spearman
 from tools.scale_controller import save_derived
 from wm.checkpoint import load_checkpoint
 from wm.cli import AT_LEAST_1, NON_NEGATIVE, fail, run_main
-from wm.dream import Dream, check_dream_heads, load_start_states
+from wm.dream import Dream, load_dream_world, load_start_states
 from wm.files import write_atomically
-from wm.latents import load_world_model
 from wm.search import BadState, Search
 
 
@@ -145,8 +144,7 @@ def main(cfg: Config) -> dict:
     print(f"  the search's own (its population's mean dreamed return): rho {rhos['population_dreamed']:+.2f}")
     results = {}  # (variant, M) -> (dreamed return, gas per frame) of each C
     for m in ms:  # each M's world once, each start step's warmed-up states once
-        world = load_world_model(ckpt_dir, mdnrnn_name=str(Path(m).resolve()) if m != "mdnrnn.pt" else m)
-        check_dream_heads(world.mdnrnn, m)
+        world = load_dream_world(ckpt_dir, mdnrnn_path="" if m == "mdnrnn.pt" else m)
         starts = {s: load_start_states(cfg.latent_dir, world.vae_fingerprint, world.mdnrnn, s)
                   for s in sorted({v[0] for v in variants})}
         for start, frames, tau in variants:

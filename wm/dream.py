@@ -192,11 +192,19 @@ def make_dream(ckpt_dir: str | os.PathLike, controller: Controller, latent_dir: 
     trained with that V), starting from the latents in `latent_dir` (at
     `start_step`, see load_start_states), for controllers shaped like
     `controller` -> (dream, world)."""
+    world = load_dream_world(ckpt_dir, device, mdnrnn_path)
+    starts = load_start_states(latent_dir, world.vae_fingerprint, world.mdnrnn, start_step)
+    return Dream(world.mdnrnn, controller, starts, temperature, max_steps, device, bf16, gas_cost), world
+
+
+def load_dream_world(ckpt_dir: str | os.PathLike, device: torch.device | str = "cpu",
+                     mdnrnn_path: str | os.PathLike = "") -> WorldModel:
+    """The V in `ckpt_dir` and its M (or the M at `mdnrnn_path`, trained with
+    that V), which must have the reward and done heads a dream needs."""
     m_name = str(Path(mdnrnn_path).resolve()) if mdnrnn_path else "mdnrnn.pt"  # an absolute name is itself
     world = load_world_model(ckpt_dir, device, mdnrnn_name=m_name)
     check_dream_heads(world.mdnrnn, Path(ckpt_dir) / m_name)
-    starts = load_start_states(latent_dir, world.vae_fingerprint, world.mdnrnn, start_step)
-    return Dream(world.mdnrnn, controller, starts, temperature, max_steps, device, bf16, gas_cost), world
+    return world
 
 
 def noise_seed(seeds: list[int]) -> int:
